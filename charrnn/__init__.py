@@ -1,0 +1,3 @@
+"""charrnn: character-level recurrent language models in numpy."""
+
+__version__ = "1.0.0"

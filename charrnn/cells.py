@@ -1,0 +1,285 @@
+"""Recurrent cells as pure functions over a whole window, each backward beside its forward.
+
+Conventions, shared by every cell (PyTorch's layout and gate order):
+
+    xproj   (T, B, G*H)  input projection x_t @ W_ih.T + b_ih for every step of the window
+    W_hh    (G*H, H)     recurrent weights, b_hh (G*H,)
+    state   tuple of (B, H) arrays: (h,) for rnn and gru, (h, c) for lstm
+
+`forward(xproj, state, W_hh, b_hh, ws)` returns the hidden states of the window as
+hs (T+1, B, H) with hs[0] = h0, the final state, and a cache for backward.  `xproj` is
+overwritten (it becomes the pre-activation / activation buffer).  `ws` is a dict of
+preallocated work buffers reused from window to window.
+
+`backward(dhs, dstate, cache, W_hh, ws)` takes dL/dh_t for t = 1..T (T, B, H) from the
+layer above and dL/dstate_T arriving from the next window, and returns
+(dxproj (T, B, G*H), dW_hh, db_hh, dstate0).  dxproj is also dL/db_ih summed over (T, B).
+
+Only the recurrent product h_{t-1} @ W_hh.T is done step by step; everything that can
+be done for a whole window at once (bias folding, weight gradients) is one GEMM or one
+ufunc over (T*B, ...).
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import numpy as np
+
+State = tuple[np.ndarray, ...]
+Workspace = dict[str, np.ndarray]
+
+
+def buffer(ws: Workspace, name: str, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """A work array from `ws`, reallocated only when the shape or dtype changes."""
+    arr = ws.get(name)
+    if arr is None or arr.shape != shape or arr.dtype != dtype:
+        arr = ws[name] = np.empty(shape, dtype)
+    return arr
+
+
+def sigmoid_(x: np.ndarray) -> np.ndarray:
+    """In-place logistic sigmoid, computed as 0.5 * tanh(0.5 x) + 0.5 (no overflow)."""
+    x *= 0.5
+    np.tanh(x, out=x)
+    x *= 0.5
+    x += 0.5
+    return x
+
+
+def _weight_grad(dpre: np.ndarray, inputs: np.ndarray) -> np.ndarray:
+    """sum_t dpre_t^T @ inputs_t as a single GEMM: (T*B, G)^T @ (T*B, I) -> (G, I)."""
+    g, i = dpre.shape[-1], inputs.shape[-1]
+    return dpre.reshape(-1, g).T @ inputs.reshape(-1, i)
+
+
+# ---------------------------------------------------------------------------------------
+# Vanilla tanh RNN:  h_t = tanh(W_ih x_t + b_ih + W_hh h_{t-1} + b_hh)
+# ---------------------------------------------------------------------------------------
+
+
+def rnn_forward(xproj, state: State, W_hh, b_hh, ws: Workspace):
+    T, B, H = xproj.shape
+    xproj += b_hh
+    hs = buffer(ws, "hs", (T + 1, B, H), xproj.dtype)  # (T+1, B, H)
+    tmp = buffer(ws, "tmp", (B, H), xproj.dtype)
+    hs[0] = state[0]
+    for t in range(T):
+        np.matmul(hs[t], W_hh.T, out=tmp)  # (B, H)
+        np.add(xproj[t], tmp, out=hs[t + 1])
+        np.tanh(hs[t + 1], out=hs[t + 1])
+    return hs, (hs[T].copy(),), {"hs": hs}
+
+
+def rnn_backward(dhs, dstate: State, cache: dict[str, Any], W_hh, ws: Workspace):
+    hs = cache["hs"]
+    T, B, H = dhs.shape
+    dpre = buffer(ws, "dpre", (T, B, H), dhs.dtype)  # (T, B, H)
+    dh = buffer(ws, "dh", (B, H), dhs.dtype)
+    dh[...] = dstate[0]
+    for t in range(T - 1, -1, -1):
+        dh += dhs[t]
+        # through tanh: dpre = dh * (1 - h^2)
+        np.multiply(hs[t + 1], hs[t + 1], out=dpre[t])
+        np.subtract(1.0, dpre[t], out=dpre[t])
+        dpre[t] *= dh
+        np.matmul(dpre[t], W_hh, out=dh)  # (B, H)
+    dW_hh = _weight_grad(dpre, hs[:-1])
+    return dpre, dW_hh, dpre.sum(axis=(0, 1)), (dh.copy(),)
+
+
+# ---------------------------------------------------------------------------------------
+# LSTM, gates (i, f, g, o):
+#   i, f, o = sigmoid(.), g = tanh(.)   of W_ih x_t + b_ih + W_hh h_{t-1} + b_hh
+#   c_t = f * c_{t-1} + i * g,   h_t = o * tanh(c_t)
+# ---------------------------------------------------------------------------------------
+
+# The four gates are activated with a single tanh over (B, 4H): sigmoid(x) is
+# 0.5 tanh(0.5 x) + 0.5, tanh(x) is 1.0 tanh(1.0 x) + 0.0.  The derivative of every
+# activation a is (1 - a)(a + s) with s = 0 for sigmoid and 1 for tanh.
+
+
+class _GateAffine(NamedTuple):
+    scale: np.ndarray  # (4H,) 0.5 for sigmoid gates, 1.0 for g
+    shift: np.ndarray  # (4H,) 0.5 for sigmoid gates, 0.0 for g
+    dshift: np.ndarray  # (4H,) 0.0 for sigmoid gates, 1.0 for g
+
+
+def _lstm_affine(H: int, dtype: np.dtype, ws: Workspace) -> _GateAffine:
+    key = ws.get("affine_key")
+    if key is None or key.shape != (H,) or key.dtype != dtype:
+        is_g = np.zeros(4 * H, bool)
+        is_g[2 * H : 3 * H] = True
+        ws["affine_key"] = np.empty(H, dtype)
+        ws["scale"] = np.where(is_g, 1.0, 0.5).astype(dtype)
+        ws["shift"] = np.where(is_g, 0.0, 0.5).astype(dtype)
+        ws["dshift"] = np.where(is_g, 1.0, 0.0).astype(dtype)
+    return _GateAffine(ws["scale"], ws["shift"], ws["dshift"])
+
+
+def lstm_forward(xproj, state: State, W_hh, b_hh, ws: Workspace):
+    T, B, G = xproj.shape
+    H = G // 4
+    dt = xproj.dtype
+    aff = _lstm_affine(H, dt, ws)
+    xproj += b_hh
+    xproj *= aff.scale  # pre-scale every step's input part once, for the whole window
+    W_scaled = buffer(ws, "W_scaled", W_hh.shape, dt)
+    np.multiply(W_hh, aff.scale[:, None], out=W_scaled)  # (4H, H)
+    acts = xproj  # (T, B, 4H) becomes the gate activations
+    hs = buffer(ws, "hs", (T + 1, B, H), dt)  # (T+1, B, H)
+    cs = buffer(ws, "cs", (T + 1, B, H), dt)  # (T+1, B, H)
+    tanh_c = buffer(ws, "tanh_c", (T, B, H), dt)  # (T, B, H)
+    rec = buffer(ws, "rec", (B, G), dt)
+    ig = buffer(ws, "ig", (B, H), dt)
+    hs[0], cs[0] = state
+    for t in range(T):
+        a = acts[t]  # (B, 4H)
+        np.matmul(hs[t], W_scaled.T, out=rec)
+        a += rec
+        np.tanh(a, out=a)
+        a *= aff.scale
+        a += aff.shift
+        i, f, g, o = a[:, :H], a[:, H : 2 * H], a[:, 2 * H : 3 * H], a[:, 3 * H :]
+        np.multiply(f, cs[t], out=cs[t + 1])
+        np.multiply(i, g, out=ig)
+        cs[t + 1] += ig
+        np.tanh(cs[t + 1], out=tanh_c[t])
+        np.multiply(o, tanh_c[t], out=hs[t + 1])
+    cache = {"hs": hs, "cs": cs, "tanh_c": tanh_c, "acts": acts}
+    return hs, (hs[T].copy(), cs[T].copy()), cache
+
+
+def lstm_backward(dhs, dstate: State, cache: dict[str, Any], W_hh, ws: Workspace):
+    hs, cs, tanh_c, acts = cache["hs"], cache["cs"], cache["tanh_c"], cache["acts"]
+    T, B, H = dhs.shape
+    dt = dhs.dtype
+    aff = _lstm_affine(H, dt, ws)
+    dpre = buffer(ws, "dpre", (T, B, 4 * H), dt)  # (T, B, 4H)
+    dh = buffer(ws, "dh", (B, H), dt)
+    dc = buffer(ws, "dc", (B, H), dt)
+    tmp = buffer(ws, "tmp", (B, H), dt)
+    deriv = buffer(ws, "deriv", (B, 4 * H), dt)
+    dh[...] = dstate[0]
+    dc[...] = dstate[1]
+    for t in range(T - 1, -1, -1):
+        a = acts[t]
+        i, f, g, o = a[:, :H], a[:, H : 2 * H], a[:, 2 * H : 3 * H], a[:, 3 * H :]
+        d = dpre[t]
+        di, df, dg, do = d[:, :H], d[:, H : 2 * H], d[:, 2 * H : 3 * H], d[:, 3 * H :]
+        dh += dhs[t]
+        np.multiply(dh, tanh_c[t], out=do)
+        # dc += dh * o * (1 - tanh(c)^2)
+        np.multiply(tanh_c[t], tanh_c[t], out=tmp)
+        np.subtract(1.0, tmp, out=tmp)
+        tmp *= o
+        tmp *= dh
+        dc += tmp
+        np.multiply(dc, g, out=di)
+        np.multiply(dc, cs[t], out=df)
+        np.multiply(dc, i, out=dg)
+        dc *= f
+        # through the activations: d *= (1 - a)(a + s)
+        np.subtract(1.0, a, out=deriv)
+        d *= deriv
+        np.add(a, aff.dshift, out=deriv)
+        d *= deriv
+        np.matmul(d, W_hh, out=dh)  # (B, H)
+    dW_hh = _weight_grad(dpre, hs[:-1])
+    return dpre, dW_hh, dpre.sum(axis=(0, 1)), (dh.copy(), dc.copy())
+
+
+# ---------------------------------------------------------------------------------------
+# GRU, PyTorch's formulation, gates (r, z, n):
+#   r = sigmoid(W_ir x + b_ir + W_hr h + b_hr),   z = sigmoid(W_iz x + b_iz + W_hz h + b_hz)
+#   n = tanh(W_in x + b_in + r * (W_hn h + b_hn)),  h' = (1 - z) * n + z * h
+# ---------------------------------------------------------------------------------------
+
+
+def gru_forward(xproj, state: State, W_hh, b_hh, ws: Workspace):
+    T, B, G = xproj.shape
+    H = G // 3
+    dt = xproj.dtype
+    xproj[..., : 2 * H] += b_hh[: 2 * H]  # r and z biases fold into the input part
+    acts = xproj  # (T, B, 3H) becomes (r, z, n)
+    hs = buffer(ws, "hs", (T + 1, B, H), dt)  # (T+1, B, H)
+    hn = buffer(ws, "hn", (T, B, H), dt)  # (T, B, H)  W_hn h + b_hn, needed by backward
+    rec = buffer(ws, "rec", (B, G), dt)
+    tmp = buffer(ws, "tmp", (B, H), dt)
+    b_hn = b_hh[2 * H :]
+    hs[0] = state[0]
+    for t in range(T):
+        a = acts[t]
+        np.matmul(hs[t], W_hh.T, out=rec)  # (B, 3H)
+        rz = a[:, : 2 * H]
+        rz += rec[:, : 2 * H]
+        sigmoid_(rz)
+        r, z, n = a[:, :H], a[:, H : 2 * H], a[:, 2 * H :]
+        np.add(rec[:, 2 * H :], b_hn, out=hn[t])
+        np.multiply(r, hn[t], out=tmp)
+        n += tmp
+        np.tanh(n, out=n)
+        # h' = n + z * (h - n)
+        np.subtract(hs[t], n, out=tmp)
+        tmp *= z
+        np.add(n, tmp, out=hs[t + 1])
+    return hs, (hs[T].copy(),), {"hs": hs, "hn": hn, "acts": acts}
+
+
+def gru_backward(dhs, dstate: State, cache: dict[str, Any], W_hh, ws: Workspace):
+    hs, hn, acts = cache["hs"], cache["hn"], cache["acts"]
+    T, B, H = dhs.shape
+    dt = dhs.dtype
+    dx = buffer(ws, "dpre", (T, B, 3 * H), dt)  # (T, B, 3H) grads of the input part
+    drec = buffer(ws, "drec", (T, B, 3 * H), dt)  # (T, B, 3H) grads of W_hh h + b_hh
+    dh = buffer(ws, "dh", (B, H), dt)
+    tmp = buffer(ws, "tmp", (B, H), dt)
+    dh[...] = dstate[0]
+    for t in range(T - 1, -1, -1):
+        a = acts[t]
+        r, z, n = a[:, :H], a[:, H : 2 * H], a[:, 2 * H :]
+        d = dx[t]
+        dr, dz, dn = d[:, :H], d[:, H : 2 * H], d[:, 2 * H :]
+        dh += dhs[t]
+        # dn_pre = dh * (1 - z) * (1 - n^2)
+        np.subtract(1.0, z, out=dn)
+        dn *= dh
+        np.multiply(n, n, out=tmp)
+        np.subtract(1.0, tmp, out=tmp)
+        dn *= tmp
+        # dz_pre = dh * (h - n) * z * (1 - z)
+        np.subtract(hs[t], n, out=dz)
+        dz *= dh
+        np.subtract(1.0, z, out=tmp)
+        tmp *= z
+        dz *= tmp
+        # dr_pre = dn_pre * hn * r * (1 - r)
+        np.multiply(dn, hn[t], out=dr)
+        np.subtract(1.0, r, out=tmp)
+        tmp *= r
+        dr *= tmp
+        dq = drec[t]
+        dq[:, : 2 * H] = d[:, : 2 * H]
+        np.multiply(dn, r, out=dq[:, 2 * H :])
+        dh *= z
+        np.matmul(dq, W_hh, out=tmp)  # (B, H)
+        dh += tmp
+    dW_hh = _weight_grad(drec, hs[:-1])
+    return dx, dW_hh, drec.sum(axis=(0, 1)), (dh.copy(),)
+
+
+# ---------------------------------------------------------------------------------------
+
+
+class Cell(NamedTuple):
+    gates: int  # G: how many H-sized blocks W_ih and W_hh stack
+    num_states: int  # 1 for (h,), 2 for (h, c)
+    forward: Any
+    backward: Any
+
+
+CELLS: dict[str, Cell] = {
+    "rnn": Cell(1, 1, rnn_forward, rnn_backward),
+    "lstm": Cell(4, 2, lstm_forward, lstm_backward),
+    "gru": Cell(3, 1, gru_forward, gru_backward),
+}
