@@ -1,0 +1,90 @@
+"""Shared fixtures: a small corpus on disk, tiny training configs, and a private cache dir."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import yaml
+
+from charrnn.config import Config, config_from_dict
+
+SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
+
+_WORDS = (
+    "the quick brown fox jumps over a lazy dog and then the cat sat on the mat "
+    "while a bird sang to the moon in the still of night so it goes"
+).split()
+
+
+def small_text(n_words: int = 3000, seed: int = 0) -> str:
+    """A deterministic pseudo-English text (~15k chars for 3000 words), lines of 12 words."""
+    rng = np.random.default_rng(seed)
+    words = [_WORDS[i] for i in rng.integers(0, len(_WORDS), n_words)]
+    lines = [" ".join(words[i : i + 12]).capitalize() + "." for i in range(0, n_words, 12)]
+    return "\n".join(lines) + "\n"
+
+
+@pytest.fixture(autouse=True)
+def _private_cache_dir(tmp_path_factory, monkeypatch):
+    """Corpus caches go to a temporary folder, never to ~/.cache (subprocesses inherit it)."""
+    cache = tmp_path_factory.mktemp("charrnn-cache")
+    monkeypatch.setenv("CHARRNN_CACHE_DIR", str(cache))
+    return cache
+
+
+@pytest.fixture
+def corpus_path(tmp_path) -> Path:
+    """A ~15k-character corpus file in tmp_path."""
+    path = tmp_path / "corpus.txt"
+    path.write_text(small_text(), encoding="utf-8")
+    return path
+
+
+def tiny_config_dict(data_path: str | Path, run_dir: str | Path, **sections: dict) -> dict:
+    """A config for a model that trains in well under a second per few dozen steps.
+
+    `sections` are merged key by key over the defaults, e.g. train={"max_steps": 20}."""
+    d: dict[str, dict[str, Any]] = {
+        "data": {"path": str(data_path), "val_fraction": 0.1},
+        "model": {"cell": "lstm", "hidden_size": 16, "num_layers": 1, "embedding_size": 8},
+        "train": {
+            "batch_size": 4,
+            "seq_length": 16,
+            "max_steps": 20,
+            "learning_rate": 0.01,
+            "eval_every": 10,
+            "log_every": 5,
+            "seed": 7,
+            "eval_max_chars": 2000,
+        },
+        "output": {"dir": str(run_dir), "keep_last": 2},
+    }
+    for section, values in sections.items():
+        d.setdefault(section, {}).update(values)
+    return copy.deepcopy(d)
+
+
+@pytest.fixture
+def tiny_config(corpus_path, tmp_path):
+    """Factory: tiny_config(run="run", model={...}, train={...}) -> a validated Config."""
+
+    def make(run: str = "run", **sections: dict) -> Config:
+        return config_from_dict(tiny_config_dict(corpus_path, tmp_path / run, **sections))
+
+    return make
+
+
+@pytest.fixture
+def write_config(tmp_path):
+    """Factory: write_config(dict, name="config.yaml") -> the path of a YAML config file."""
+
+    def write(d: dict, name: str = "config.yaml") -> Path:
+        path = tmp_path / name
+        path.write_text(yaml.safe_dump(d, sort_keys=False), encoding="utf-8")
+        return path
+
+    return write
