@@ -75,13 +75,13 @@ def rnn_backward(dhs, dstate: State, cache: dict[str, Any], W_hh, ws: Workspace)
     hs = cache["hs"]
     T, B, H = dhs.shape
     dpre = buffer(ws, "dpre", (T, B, H), dhs.dtype)  # (T, B, H)
+    # tanh' = 1 - h^2 for the whole window at once; then dpre_t = dh_t * tanh'_t
+    np.multiply(hs[1:], hs[1:], out=dpre)
+    np.subtract(1.0, dpre, out=dpre)
     dh = buffer(ws, "dh", (B, H), dhs.dtype)
     dh[...] = dstate[0]
     for t in range(T - 1, -1, -1):
         dh += dhs[t]
-        # through tanh: dpre = dh * (1 - h^2)
-        np.multiply(hs[t + 1], hs[t + 1], out=dpre[t])
-        np.subtract(1.0, dpre[t], out=dpre[t])
         dpre[t] *= dh
         np.matmul(dpre[t], W_hh, out=dh)  # (B, H)
     dW_hh = _weight_grad(dpre, hs[:-1])
@@ -155,36 +155,41 @@ def lstm_backward(dhs, dstate: State, cache: dict[str, Any], W_hh, ws: Workspace
     T, B, H = dhs.shape
     dt = dhs.dtype
     aff = _lstm_affine(H, dt, ws)
-    dpre = buffer(ws, "dpre", (T, B, 4 * H), dt)  # (T, B, 4H)
+    # Everything that depends only on the forward pass is computed for the whole window:
+    #   q = [g, c_{t-1}, i, tanh(c_t)] * act'   so that   dpre = [dc, dc, dc, dh] * q
+    #   p = o * (1 - tanh(c_t)^2)               so that   dc  += dh * p
+    q = buffer(ws, "q", (T, B, 4, H), dt)  # (T, B, 4, H)
+    a4 = acts.reshape(T, B, 4, H)
+    np.copyto(q[:, :, 0], a4[:, :, 2])
+    np.copyto(q[:, :, 1], cs[:-1])
+    np.copyto(q[:, :, 2], a4[:, :, 0])
+    np.copyto(q[:, :, 3], tanh_c)
+    dpre = buffer(ws, "dpre", (T, B, 4 * H), dt)  # (T, B, 4H), scratch until the loop
+    q = q.reshape(T, B, 4 * H)
+    np.subtract(1.0, acts, out=dpre)  # act' = (1 - a)(a + s)
+    q *= dpre
+    np.add(acts, aff.dshift, out=dpre)
+    q *= dpre
+    p = buffer(ws, "p", (T, B, H), dt)  # (T, B, H)
+    np.multiply(tanh_c, tanh_c, out=p)
+    np.subtract(1.0, p, out=p)
+    p *= a4[:, :, 3]
+
     dh = buffer(ws, "dh", (B, H), dt)
     dc = buffer(ws, "dc", (B, H), dt)
     tmp = buffer(ws, "tmp", (B, H), dt)
-    deriv = buffer(ws, "deriv", (B, 4 * H), dt)
     dh[...] = dstate[0]
     dc[...] = dstate[1]
+    q4 = q.reshape(T, B, 4, H)
+    d4 = dpre.reshape(T, B, 4, H)
     for t in range(T - 1, -1, -1):
-        a = acts[t]
-        i, f, g, o = a[:, :H], a[:, H : 2 * H], a[:, 2 * H : 3 * H], a[:, 3 * H :]
-        d = dpre[t]
-        di, df, dg, do = d[:, :H], d[:, H : 2 * H], d[:, 2 * H : 3 * H], d[:, 3 * H :]
         dh += dhs[t]
-        np.multiply(dh, tanh_c[t], out=do)
-        # dc += dh * o * (1 - tanh(c)^2)
-        np.multiply(tanh_c[t], tanh_c[t], out=tmp)
-        np.subtract(1.0, tmp, out=tmp)
-        tmp *= o
-        tmp *= dh
+        np.multiply(dh, p[t], out=tmp)
         dc += tmp
-        np.multiply(dc, g, out=di)
-        np.multiply(dc, cs[t], out=df)
-        np.multiply(dc, i, out=dg)
-        dc *= f
-        # through the activations: d *= (1 - a)(a + s)
-        np.subtract(1.0, a, out=deriv)
-        d *= deriv
-        np.add(a, aff.dshift, out=deriv)
-        d *= deriv
-        np.matmul(d, W_hh, out=dh)  # (B, H)
+        np.multiply(dc[:, None, :], q4[t, :, :3], out=d4[t, :, :3])  # di, df, dg
+        np.multiply(dh, q4[t, :, 3], out=d4[t, :, 3])  # do
+        dc *= a4[t, :, 1]  # through f to c_{t-1}
+        np.matmul(dpre[t], W_hh, out=dh)  # (B, H)
     dW_hh = _weight_grad(dpre, hs[:-1])
     return dpre, dW_hh, dpre.sum(axis=(0, 1)), (dh.copy(), dc.copy())
 
@@ -230,40 +235,44 @@ def gru_backward(dhs, dstate: State, cache: dict[str, Any], W_hh, ws: Workspace)
     hs, hn, acts = cache["hs"], cache["hn"], cache["acts"]
     T, B, H = dhs.shape
     dt = dhs.dtype
-    dx = buffer(ws, "dpre", (T, B, 3 * H), dt)  # (T, B, 3H) grads of the input part
+    a3 = acts.reshape(T, B, 3, H)
+    r, z, n = a3[:, :, 0], a3[:, :, 1], a3[:, :, 2]
+    # Window-level factors from the forward pass:
+    #   dn_pre = dh * (1 - z)(1 - n^2),  dz_pre = dh * (h_{t-1} - n) z (1 - z),
+    #   dr_pre = dn_pre * hn r (1 - r)
+    f_n = buffer(ws, "f_n", (T, B, H), dt)
+    f_z = buffer(ws, "f_z", (T, B, H), dt)
+    f_r = buffer(ws, "f_r", (T, B, H), dt)
+    tmp_w = buffer(ws, "tmp_w", (T, B, H), dt)
+    np.multiply(n, n, out=f_n)
+    np.subtract(1.0, f_n, out=f_n)
+    np.subtract(1.0, z, out=tmp_w)
+    f_n *= tmp_w
+    np.subtract(hs[:-1], n, out=f_z)
+    f_z *= z
+    f_z *= tmp_w
+    np.subtract(1.0, r, out=f_r)
+    f_r *= r
+    f_r *= hn
+
     drec = buffer(ws, "drec", (T, B, 3 * H), dt)  # (T, B, 3H) grads of W_hh h + b_hh
+    dn_pre = buffer(ws, "dn_pre", (T, B, H), dt)  # (T, B, H)
     dh = buffer(ws, "dh", (B, H), dt)
     tmp = buffer(ws, "tmp", (B, H), dt)
     dh[...] = dstate[0]
     for t in range(T - 1, -1, -1):
-        a = acts[t]
-        r, z, n = a[:, :H], a[:, H : 2 * H], a[:, 2 * H :]
-        d = dx[t]
-        dr, dz, dn = d[:, :H], d[:, H : 2 * H], d[:, 2 * H :]
+        q = drec[t]
         dh += dhs[t]
-        # dn_pre = dh * (1 - z) * (1 - n^2)
-        np.subtract(1.0, z, out=dn)
-        dn *= dh
-        np.multiply(n, n, out=tmp)
-        np.subtract(1.0, tmp, out=tmp)
-        dn *= tmp
-        # dz_pre = dh * (h - n) * z * (1 - z)
-        np.subtract(hs[t], n, out=dz)
-        dz *= dh
-        np.subtract(1.0, z, out=tmp)
-        tmp *= z
-        dz *= tmp
-        # dr_pre = dn_pre * hn * r * (1 - r)
-        np.multiply(dn, hn[t], out=dr)
-        np.subtract(1.0, r, out=tmp)
-        tmp *= r
-        dr *= tmp
-        dq = drec[t]
-        dq[:, : 2 * H] = d[:, : 2 * H]
-        np.multiply(dn, r, out=dq[:, 2 * H :])
-        dh *= z
-        np.matmul(dq, W_hh, out=tmp)  # (B, H)
+        np.multiply(dh, f_n[t], out=dn_pre[t])
+        np.multiply(dh, f_z[t], out=q[:, H : 2 * H])
+        np.multiply(dn_pre[t], f_r[t], out=q[:, :H])
+        np.multiply(dn_pre[t], r[t], out=q[:, 2 * H :])
+        dh *= z[t]
+        np.matmul(q, W_hh, out=tmp)  # (B, H)
         dh += tmp
+    dx = buffer(ws, "dpre", (T, B, 3 * H), dt)  # (T, B, 3H) grads of the input part
+    dx[..., : 2 * H] = drec[..., : 2 * H]
+    dx[..., 2 * H :] = dn_pre
     dW_hh = _weight_grad(drec, hs[:-1])
     return dx, dW_hh, drec.sum(axis=(0, 1)), (dh.copy(),)
 

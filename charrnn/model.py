@@ -119,6 +119,19 @@ def cross_entropy_(logits: np.ndarray, targets: np.ndarray) -> tuple[float, np.n
     return loss, logits
 
 
+def scatter_add_rows(ids: np.ndarray, rows: np.ndarray, num: int) -> np.ndarray:
+    """out[v] = sum of rows[n] where ids[n] == v: (N,), (N, D) -> (num, D).
+
+    The gradient of a row gather (embedding lookup, one-hot projection): sort the ids,
+    then one segmented sum, instead of the much slower unbuffered np.add.at."""
+    order = np.argsort(ids, kind="stable")  # (N,)
+    sorted_ids = ids[order]
+    starts = np.flatnonzero(np.r_[True, sorted_ids[1:] != sorted_ids[:-1]])  # (U,)
+    out = np.zeros((num, rows.shape[1]), rows.dtype)
+    out[sorted_ids[starts]] = np.add.reduceat(rows[order], starts, axis=0)
+    return out
+
+
 # ---------------------------------------------------------------------------------------
 
 
@@ -241,18 +254,17 @@ class CharRNN:
             grads[f"rnn.bias_ih_l{k}"] = dx2.sum(axis=0)
             inp = cache["inputs"][k]
             if inp is None:  # one-hot input: scatter the rows back to their characters
-                dW_ih_T = np.zeros((W_ih.shape[1], W_ih.shape[0]), self.dtype)  # (V, G*H)
-                np.add.at(dW_ih_T, x.ravel(), dx2)
-                grads[f"rnn.weight_ih_l{k}"] = dW_ih_T.T.copy()
+                dW_ih_T = scatter_add_rows(x.ravel(), dx2, W_ih.shape[1])  # (V, G*H)
+                grads[f"rnn.weight_ih_l{k}"] = np.ascontiguousarray(dW_ih_T.T)
                 continue
             grads[f"rnn.weight_ih_l{k}"] = dx2.T @ inp.reshape(T * B, -1)  # (G*H, I)
             dinp = (dx2 @ W_ih).reshape(T, B, -1)  # (T, B, I)
             if k > 0:
                 dtop = dinp
             else:
-                demb = np.zeros_like(p["embedding.weight"])  # (V, E)
-                np.add.at(demb, x.ravel(), dinp.reshape(T * B, -1))
-                grads["embedding.weight"] = demb
+                grads["embedding.weight"] = scatter_add_rows(
+                    x.ravel(), dinp.reshape(T * B, -1), self.shape.vocab_size
+                )  # (V, E)
         return grads, dstate0
 
     def loss_and_grads(self, x, y, state, masks=None, dstate=None):
@@ -267,4 +279,114 @@ class CharRNN:
     def step(self, ids: np.ndarray, state: list[State]) -> tuple[np.ndarray, list[State]]:
         """ids (B,) -> logits (B, V) of the next character, and the next state."""
         logits, new_state, _ = self.forward(ids[None, :], state)
+        return logits, new_state
+
+    def stepper(self) -> Stepper:
+        """A one-character-at-a-time runner with the weights laid out for it (sampling)."""
+        return Stepper(self)
+
+
+class Stepper:
+    """The model one step at a time, for generation, with its weights pre-arranged once:
+
+    - layer 0's input projection for every character, E @ W_ih.T + b_ih (+ b_hh), is a
+      (V, G*H) table, so a step starts with a row lookup instead of a GEMM;
+    - the recurrent (and, above layer 0, the input) weights are transposed and contiguous;
+    - the LSTM's sigmoid gates use the same scaled-tanh form as the training path.
+
+    The weights are copied: changing the model's parameters afterwards needs a new Stepper.
+    """
+
+    def __init__(self, model: CharRNN):
+        p, shape = model.params, model.shape
+        self.model = model
+        self.cell = shape.cell
+        H = shape.hidden_size
+        G = model.cell.gates * H
+        dt = model.dtype
+        folded_hh = [self._folded_b_hh(p[f"rnn.bias_hh_l{k}"], H) for k in range(shape.num_layers)]
+        W0 = p["rnn.weight_ih_l0"]
+        table = (p["embedding.weight"] @ W0.T) if "embedding.weight" in p else W0.T.copy()
+        table += p["rnn.bias_ih_l0"] + folded_hh[0]
+        scale = np.ones(G, dt)
+        if self.cell == "lstm":
+            scale[:] = 0.5
+            scale[2 * H : 3 * H] = 1.0
+        elif self.cell == "gru":
+            scale[: 2 * H] = 0.5
+        self.scale = scale
+        self.table = np.ascontiguousarray(table * scale, dtype=dt)  # (V, G)
+        self.W_ih_T = [None] + [
+            np.ascontiguousarray(p[f"rnn.weight_ih_l{k}"].T * scale)
+            for k in range(1, shape.num_layers)
+        ]  # (I, G)
+        self.b_in = [None] + [
+            (p[f"rnn.bias_ih_l{k}"] + folded_hh[k]) * scale for k in range(1, shape.num_layers)
+        ]
+        self.W_hh_T = [
+            np.ascontiguousarray(p[f"rnn.weight_hh_l{k}"].T * scale)
+            for k in range(shape.num_layers)
+        ]  # (H, G)
+        self.b_hn = [p[f"rnn.bias_hh_l{k}"][2 * H :] for k in range(shape.num_layers)]
+        self.head_T = np.ascontiguousarray(p["head.weight"].T)  # (H, V)
+        self.head_b = p["head.bias"]
+        self.shift = np.where(scale == 0.5, 0.5, 0.0).astype(dt)
+        self.H = H
+
+    def _folded_b_hh(self, b_hh: np.ndarray, H: int) -> np.ndarray:
+        """The part of b_hh that adds straight to the input projection (all but GRU's b_hn)."""
+        if self.cell == "gru":
+            out = b_hh.copy()
+            out[2 * H :] = 0
+            return out
+        return b_hh
+
+    def step(self, ids: np.ndarray, state: list[State]) -> tuple[np.ndarray, list[State]]:
+        """ids (B,) -> logits (B, V), next state (new arrays; `state` is not modified)."""
+        H = self.H
+        new_state: list[State] = []
+        inp = None
+        for k, layer in enumerate(state):
+            if k == 0:
+                xg = self.table[ids]  # (B, G)
+            else:
+                xg = inp @ self.W_ih_T[k]
+                xg += self.b_in[k]
+            h = layer[0]
+            rec = h @ self.W_hh_T[k]  # (B, G)
+            if self.cell == "rnn":
+                xg += rec
+                h = np.tanh(xg, out=xg)
+                new_state.append((h,))
+            elif self.cell == "lstm":
+                xg += rec
+                np.tanh(xg, out=xg)
+                xg *= self.scale
+                xg += self.shift
+                i, f, g, o = xg[:, :H], xg[:, H : 2 * H], xg[:, 2 * H : 3 * H], xg[:, 3 * H :]
+                c = f * layer[1]
+                c += i * g
+                h = np.tanh(c)
+                h *= o
+                new_state.append((h, c))
+            else:  # gru
+                rz = xg[:, : 2 * H]
+                rz += rec[:, : 2 * H]
+                np.tanh(rz, out=rz)
+                rz *= 0.5
+                rz += 0.5
+                r, z, n = xg[:, :H], xg[:, H : 2 * H], xg[:, 2 * H :]
+                hn = rec[:, 2 * H :]
+                hn += self.b_hn[k]
+                hn *= r
+                n += hn
+                np.tanh(n, out=n)
+                h_new = h - n
+                h_new *= z
+                h_new += n
+                h = h_new
+                new_state.append((h,))
+            inp = h
+        logits = inp @ self.head_T  # (B, V)
+        logits += self.head_b
         return logits, new_state

@@ -81,10 +81,12 @@ def generate(
         logits = logits[-num_samples:]  # (B, V) after the last seed character
     else:  # nothing to prime on: the zero state's prediction, softmax(head.bias)
         logits = np.broadcast_to(model.params["head.bias"], (num_samples, model.shape.vocab_size))
-    for _ in range(length):
+    stepper = model.stepper()
+    for n in range(length):
         ids = draw(logits, rng, temperature, top_k, top_p)  # (B,)
         yield ids
-        logits, state = model.step(ids, state)
+        if n + 1 < length:
+            logits, state = stepper.step(ids, state)
 
 
 def sample_text(
