@@ -95,14 +95,13 @@ def rnn_backward(dhs, dstate: State, cache: dict[str, Any], W_hh, ws: Workspace)
 # ---------------------------------------------------------------------------------------
 
 # The four gates are activated with a single tanh over (B, 4H): sigmoid(x) is
-# 0.5 tanh(0.5 x) + 0.5, tanh(x) is 1.0 tanh(1.0 x) + 0.0.  The derivative of every
-# activation a is (1 - a)(a + s) with s = 0 for sigmoid and 1 for tanh.
+# 0.5 tanh(0.5 x) + 0.5, tanh(x) is 1.0 tanh(1.0 x) + 0.0; the 0.5 that scales the
+# pre-activation is folded into the weights once per window.
 
 
 class _GateAffine(NamedTuple):
     scale: np.ndarray  # (4H,) 0.5 for sigmoid gates, 1.0 for g
     shift: np.ndarray  # (4H,) 0.5 for sigmoid gates, 0.0 for g
-    dshift: np.ndarray  # (4H,) 0.0 for sigmoid gates, 1.0 for g
 
 
 def _lstm_affine(H: int, dtype: np.dtype, ws: Workspace) -> _GateAffine:
@@ -113,8 +112,7 @@ def _lstm_affine(H: int, dtype: np.dtype, ws: Workspace) -> _GateAffine:
         ws["affine_key"] = np.empty(H, dtype)
         ws["scale"] = np.where(is_g, 1.0, 0.5).astype(dtype)
         ws["shift"] = np.where(is_g, 0.0, 0.5).astype(dtype)
-        ws["dshift"] = np.where(is_g, 1.0, 0.0).astype(dtype)
-    return _GateAffine(ws["scale"], ws["shift"], ws["dshift"])
+    return _GateAffine(ws["scale"], ws["shift"])
 
 
 def lstm_forward(xproj, state: State, W_hh, b_hh, ws: Workspace):
@@ -154,41 +152,44 @@ def lstm_backward(dhs, dstate: State, cache: dict[str, Any], W_hh, ws: Workspace
     hs, cs, tanh_c, acts = cache["hs"], cache["cs"], cache["tanh_c"], cache["acts"]
     T, B, H = dhs.shape
     dt = dhs.dtype
-    aff = _lstm_affine(H, dt, ws)
     # Everything that depends only on the forward pass is computed for the whole window:
-    #   q = [g, c_{t-1}, i, tanh(c_t)] * act'   so that   dpre = [dc, dc, dc, dh] * q
     #   p = o * (1 - tanh(c_t)^2)               so that   dc  += dh * p
-    q = buffer(ws, "q", (T, B, 4, H), dt)  # (T, B, 4, H)
+    #   q = [g, c_{t-1}, i, tanh(c_t)] * act'   so that   dpre = [dc, dc, dc, dh] * q
+    # q is built in place of the activations (the cache is consumed).
     a4 = acts.reshape(T, B, 4, H)
-    np.copyto(q[:, :, 0], a4[:, :, 2])
-    np.copyto(q[:, :, 1], cs[:-1])
-    np.copyto(q[:, :, 2], a4[:, :, 0])
-    np.copyto(q[:, :, 3], tanh_c)
-    dpre = buffer(ws, "dpre", (T, B, 4 * H), dt)  # (T, B, 4H), scratch until the loop
-    q = q.reshape(T, B, 4 * H)
-    np.subtract(1.0, acts, out=dpre)  # act' = (1 - a)(a + s)
-    q *= dpre
-    np.add(acts, aff.dshift, out=dpre)
-    q *= dpre
     p = buffer(ws, "p", (T, B, H), dt)  # (T, B, H)
     np.multiply(tanh_c, tanh_c, out=p)
     np.subtract(1.0, p, out=p)
     p *= a4[:, :, 3]
+    dpre = buffer(ws, "dpre", (T, B, 4 * H), dt)  # (T, B, 4H), act' until the loop
+    d4 = dpre.reshape(T, B, 4, H)
+    np.subtract(1.0, acts, out=dpre)  # sigmoid' = (1 - a) a
+    dpre *= acts
+    np.multiply(a4[:, :, 2], a4[:, :, 2], out=d4[:, :, 2])  # tanh' = 1 - g^2
+    np.subtract(1.0, d4[:, :, 2], out=d4[:, :, 2])
+    f = buffer(ws, "f", (T, B, H), dt)  # (T, B, H) forget gate, for the loop
+    np.copyto(f, a4[:, :, 1])
+    np.copyto(a4[:, :, 1], cs[:-1])
+    np.copyto(a4[:, :, 3], tanh_c)
+    i_saved = tanh_c  # free now: holds i while i and g swap places
+    np.copyto(i_saved, a4[:, :, 0])
+    np.copyto(a4[:, :, 0], a4[:, :, 2])
+    np.copyto(a4[:, :, 2], i_saved)
+    acts *= dpre
+    q4 = a4
 
     dh = buffer(ws, "dh", (B, H), dt)
     dc = buffer(ws, "dc", (B, H), dt)
     tmp = buffer(ws, "tmp", (B, H), dt)
     dh[...] = dstate[0]
     dc[...] = dstate[1]
-    q4 = q.reshape(T, B, 4, H)
-    d4 = dpre.reshape(T, B, 4, H)
     for t in range(T - 1, -1, -1):
         dh += dhs[t]
         np.multiply(dh, p[t], out=tmp)
         dc += tmp
         np.multiply(dc[:, None, :], q4[t, :, :3], out=d4[t, :, :3])  # di, df, dg
         np.multiply(dh, q4[t, :, 3], out=d4[t, :, 3])  # do
-        dc *= a4[t, :, 1]  # through f to c_{t-1}
+        dc *= f[t]  # through f to c_{t-1}
         np.matmul(dpre[t], W_hh, out=dh)  # (B, H)
     dW_hh = _weight_grad(dpre, hs[:-1])
     return dpre, dW_hh, dpre.sum(axis=(0, 1)), (dh.copy(), dc.copy())
