@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save
 
 from .config import Config, config_from_dict, config_to_dict
-from .errors import CharRNNError, CheckpointError, RunDirError
+from .errors import CharRNNError, CheckpointError
+from .fileio import atomic_write_bytes
 from .model import ModelShape, Params, param_shapes
 from .vocab import Vocab
 
@@ -61,34 +63,6 @@ def model_shape(cfg: Config, vocab_size: int) -> ModelShape:
 
 
 # -- writing ----------------------------------------------------------------------------
-
-
-def fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to `path` so that readers see the old file or the new one, whole."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise RunDirError(f"cannot write {path}: {e.strerror or e}") from None
-    fsync_dir(path.parent)
 
 
 def save_checkpoint(
@@ -159,7 +133,7 @@ def load_checkpoint(path: str | os.PathLike, training_state: bool = False) -> Ch
             tensors = {n: f.get_tensor(n) for n in wanted}
     except CharRNNError:
         raise
-    except (SafetensorError, OSError, ValueError, MemoryError, RuntimeError) as e:
+    except (SafetensorError, OSError, ValueError, TypeError, MemoryError, RuntimeError) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise CheckpointError(f"{path}: corrupt or truncated checkpoint ({msg})") from None
 
@@ -167,12 +141,20 @@ def load_checkpoint(path: str | os.PathLike, training_state: bool = False) -> Ch
         config = config_from_dict(_json_field(meta, "config", path), source=f"{path} metadata")
         vocab = Vocab.from_json(_json_field(meta, "vocab", path))
         step = int(meta.get("step", "x"))
+    except CheckpointError:
+        raise
     except (CharRNNError, ValueError, TypeError) as e:
         raise CheckpointError(f"{path}: bad metadata: {e}") from None
+    if step < 0:
+        raise CheckpointError(f"{path}: bad metadata: step {step} is negative")
     info = _json_field(meta, "info", path)
+    if not isinstance(info, dict):
+        raise CheckpointError(f"{path}: bad metadata: 'info' is not a JSON object")
     train_state = _json_field(meta, "train_state", path) if training_state else {}
     if training_state and not train_state:
         raise CheckpointError(f"{path}: holds no training state to resume from")
+    if not isinstance(train_state, dict):
+        raise CheckpointError(f"{path}: bad metadata: 'train_state' is not a JSON object")
 
     shape = model_shape(config, vocab.size)
     params: Params = {}
@@ -250,15 +232,25 @@ class CheckpointManager:
         steps = step_checkpoints(self.run_dir)
         return steps[-1][1] if steps else None
 
-    def load_latest_resumable(self) -> Checkpoint:
-        """The newest numbered checkpoint that loads; unreadable newer ones are skipped."""
+    def load_latest_resumable(self, echo: Callable[[str], None] | None = None) -> Checkpoint:
+        """The newest numbered checkpoint that loads. Unreadable newer ones (damaged on disk:
+        charrnn's own writes are atomic) are renamed to `<name>.corrupt`, so that neither
+        this run's rotation nor a later resume takes them for checkpoints."""
         steps = step_checkpoints(self.run_dir)
         if not steps:
-            raise CheckpointError(f"{self.run_dir}: nothing to resume (no checkpoint)")
+            raise CheckpointError(
+                f"{self.run_dir}: nothing to resume (no checkpoint); start it without --resume"
+            )
         errors = []
         for _, path in reversed(steps):
             try:
-                return load_checkpoint(path, training_state=True)
+                ckpt = load_checkpoint(path, training_state=True)
             except CheckpointError as e:
-                errors.append(str(e))
-        raise CheckpointError(f"{self.run_dir}: no readable checkpoint ({errors[0]})")
+                errors.append((path, str(e)))
+                continue
+            for bad, why in errors:
+                bad.replace(bad.with_name(bad.name + ".corrupt"))
+                if echo is not None:
+                    echo(f"{why}; moved aside to {bad.name}.corrupt, resuming from {path.name}")
+            return ckpt
+        raise CheckpointError(f"{self.run_dir}: no readable checkpoint ({errors[0][1]})")

@@ -38,6 +38,20 @@ class CharRNNGroup(click.Group):
         except BrokenPipeError:  # `charrnn sample ... | head`
             sys.stderr.close()
             ctx.exit(0)
+        except OSError as e:  # an I/O fault no check above anticipated: still one line
+            where = f"{e.filename}: " if e.filename else ""
+            raise _one_line_error(f"{where}{e.strerror or e}") from None
+        except MemoryError as e:
+            raise _one_line_error(
+                f"out of memory ({e or 'allocation failed'}); try a smaller model.hidden_size, "
+                "train.batch_size or train.seq_length"
+            ) from None
+
+
+def _one_line_error(message: str) -> click.ClickException:
+    err = click.ClickException(" ".join(message.split()))
+    err.exit_code = 2
+    return err
 
 
 @click.group(cls=CharRNNGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -74,27 +88,32 @@ def train(config_path: str, overrides: tuple[str, ...], resume: bool, overwrite:
           progress: bool | None) -> None:
     """Train a model from a YAML config; checkpoints and metrics go to output.dir."""
     from .config import load_config
-    from .train import Trainer
+    from .train import StopSignals, Trainer
 
     if resume and overwrite:
         raise click.UsageError("--resume and --overwrite exclude each other")
-    cfg = load_config(config_path, overrides)
-    trainer = Trainer(cfg, resume=resume, overwrite=overwrite)
-    if progress is None:
-        progress = sys.stderr.isatty()
-    resume_cmd = " ".join(
-        ["charrnn", "train", "--config", shlex.quote(config_path)]
-        + [f"--set {shlex.quote(o)}" for o in overrides] + ["--resume"]
-    )
-    t = trainer.cfg.train
-    click.echo(
-        f"charrnn: {trainer.cfg.model.cell} x{trainer.cfg.model.num_layers} "
-        f"hidden {trainer.cfg.model.hidden_size}, {trainer.model.num_params:,} parameters; "
-        f"corpus {trainer.corpus.num_chars:,} chars ({len(trainer.corpus.train):,} train, "
-        f"{len(trainer.corpus.val):,} val), vocab {trainer.vocab.size}; "
-        f"{t.max_steps} steps of {t.batch_size}x{t.seq_length}", err=True)
-    result = trainer.run(progress=progress, resume_hint=resume_cmd,
-                         echo=lambda s: click.echo(s, err=True))
+    # Ctrl-C / SIGTERM: while loading, stop at once (exit 130 / 143); once training, finish
+    # the step, write a checkpoint, then stop with the same exit codes
+    with StopSignals() as signals:
+        cfg = load_config(config_path, overrides)
+        trainer = Trainer(cfg, resume=resume, overwrite=overwrite)
+        if progress is None:
+            progress = sys.stderr.isatty()
+        resume_cmd = " ".join(
+            ["charrnn", "train", "--config", shlex.quote(config_path)]
+            + [f"--set {shlex.quote(o)}" for o in overrides] + ["--resume"]
+        )
+        t = trainer.cfg.train
+        banner = (
+            f"charrnn: {trainer.cfg.model.cell} x{trainer.cfg.model.num_layers} "
+            f"hidden {trainer.cfg.model.hidden_size}, {trainer.model.num_params:,} parameters; "
+            f"corpus {trainer.corpus.num_chars:,} chars ({len(trainer.corpus.train):,} train, "
+            f"{len(trainer.corpus.val):,} val), vocab {trainer.vocab.size}; "
+            f"{t.max_steps} steps of {t.batch_size}x{t.seq_length}")
+        # printed once the run directory checks pass: a refusal stays a one-line message
+        result = trainer.run(progress=progress, resume_hint=resume_cmd,
+                             echo=lambda s: click.echo(s, err=True), signals=signals,
+                             on_start=lambda: click.echo(banner, err=True))
     lines = [f"trained {result.steps} steps, {result.num_params:,} parameters, "
              f"{result.chars_per_sec:,.0f} chars/s"]
     if result.best_val_loss is not None:
@@ -111,6 +130,17 @@ def train(config_path: str, overrides: tuple[str, ...], resume: bool, overwrite:
 # -- sample ----------------------------------------------------------------------------
 
 
+class _FiniteRange(click.FloatRange):
+    """A FloatRange that also refuses nan and inf (which pass its comparisons or make
+    no sense as a temperature or a probability)."""
+
+    def convert(self, value, param, ctx):
+        value = super().convert(value, param, ctx)
+        if not math.isfinite(value):
+            self.fail(f"{value} is not a finite number.", param, ctx)
+        return value
+
+
 @cli.command()
 @click.option("--checkpoint", required=True, type=click.Path(),
               help="A .safetensors checkpoint, or a run directory (then its best checkpoint).")
@@ -119,14 +149,14 @@ def train(config_path: str, overrides: tuple[str, ...], resume: bool, overwrite:
                    "start from the zero state.")
 @click.option("--length", default=500, show_default=True, type=click.IntRange(min=0),
               help="Number of characters to generate (the seed not counted).")
-@click.option("--temperature", default=1.0, show_default=True, type=click.FloatRange(min=0),
+@click.option("--temperature", default=1.0, show_default=True, type=_FiniteRange(min=0),
               help="Softmax temperature; 0 is greedy argmax, below 1 is more conservative.")
 @click.option("--top-k", default=0, show_default=True, type=click.IntRange(min=0),
               help="Sample only among the K most likely characters (0: no limit).")
 @click.option("--top-p", default=1.0, show_default=True,
-              type=click.FloatRange(min=0, max=1, min_open=True),
+              type=_FiniteRange(min=0, max=1, min_open=True),
               help="Nucleus sampling: only the most likely characters holding P of the mass.")
-@click.option("--rng-seed", default=None, type=int,
+@click.option("--rng-seed", default=None, type=click.IntRange(min=0),
               help="Random seed; the same seed gives the same text.  [default: random]")
 @click.option("--num-samples", default=1, show_default=True, type=click.IntRange(min=1),
               help="Independent samples, drawn as one batch; printed one after another, "
@@ -275,7 +305,7 @@ def info(path: str, as_json: bool) -> None:
                f"parameters  {data['parameters']:,}\nvocab       {ckpt.vocab.size} chars")
     for key in ("train_loss", "best_val_loss", "best_loss"):
         value = ckpt.info.get(key)
-        if value is not None:
+        if isinstance(value, int | float) and not isinstance(value, bool):
             click.echo(f"{key:<12}{value:.4f} nats/char ({value / math.log(2):.4f} bits/char)")
     click.echo("config:")
     for section, values in data["config"].items():

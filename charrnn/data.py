@@ -25,6 +25,7 @@ from typing import Protocol
 import numpy as np
 
 from charrnn.errors import DataError, VocabError
+from charrnn.fileio import remove_stale_temps, temp_path
 from charrnn.vocab import UNKNOWN_MODES, Vocab, describe_unknown
 
 log = logging.getLogger(__name__)
@@ -248,9 +249,10 @@ def _load_cached(cache_dir: Path, key: str) -> tuple[Vocab, np.ndarray] | None:
 def _store_cached(cache_dir: Path, key: str, vocab: Vocab, ids: np.ndarray) -> np.ndarray:
     """Writes the cache atomically and returns the ids memory-mapped from it."""
     npy, vocab_json = _cache_paths(cache_dir, key)
-    tmp = npy.with_name(f".{npy.name}.{os.getpid()}.tmp")
+    tmp = temp_path(npy)
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(cache_dir)  # left by runs killed while writing their cache
         vocab.save(vocab_json)
         with open(tmp, "wb") as f:
             np.save(f, ids)

@@ -23,15 +23,26 @@ import numpy as np
 import yaml
 from tqdm import tqdm
 
-from .checkpoint import Checkpoint, CheckpointManager, atomic_write_bytes, model_shape
+from .checkpoint import Checkpoint, CheckpointManager, model_shape
 from .config import Config, config_to_dict, resolve_paths
 from .data import Corpus, WindowStream, load_corpus
-from .errors import CharRNNError, CheckpointError, NonFiniteError, RunDirError
+from .errors import CharRNNError, CheckpointError, DataError, NonFiniteError, RunDirError
 from .evaluate import score
+from .fileio import atomic_write_bytes, pid_alive, remove_stale_temps
 from .model import CharRNN
 from .optim import Optimizer, clip_by_global_norm_, learning_rate
 
+try:
+    import fcntl
+except ImportError:  # not POSIX: the pid in the lock file is the only guard
+    fcntl = None
+
 LOCK = ".lock"
+# training stops (exit 1) when the loss per character exceeds this many times that of a
+# uniform guess, ln(vocab size): the weights have blown up, the run will not recover
+DIVERGED_LOSS_FACTOR = 50.0
+# with train.on_nonfinite=skip, this many skipped steps in a row stop the run (exit 1)
+MAX_SKIPPED_IN_A_ROW = 10
 
 
 class TrainingInterrupted(CharRNNError):
@@ -58,48 +69,73 @@ class TrainResult:
 # -- the run directory: lock, files --------------------------------------------------------
 
 
-def _pid_alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
+def _read_pid(fd: int) -> int:
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        return int(os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "0")
+    except (OSError, ValueError):
+        return 0
+
+
+def _flock(fd: int) -> bool:
+    """Takes the OS lock on the open lock file; False when another process holds it."""
+    if fcntl is None:
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
         return False
-    except PermissionError:
+    except OSError:  # a file system without flock: the pid alone decides
         return True
     return True
 
 
 @contextmanager
 def run_dir_lock(run_dir: Path):
-    """Holds `run_dir/.lock` (our pid) for the duration; a stale lock of a dead process is
-    taken over, a live one is refused."""
+    """Holds `run_dir/.lock` (our pid, and an OS lock on it) for the duration.
+
+    A lock left by a dead process (SIGKILL, power loss) is taken over; one whose OS lock
+    is held, or whose pid is alive, is refused (RunDirError naming the pid and the file).
+    """
     lock = run_dir / LOCK
-    for _ in range(2):
+    for _ in range(10):
         try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            try:
-                pid = int(lock.read_text().strip() or "0")
-            except (OSError, ValueError):
-                pid = 0
-            if pid != os.getpid() and _pid_alive(pid):
-                raise RunDirError(
-                    f"{run_dir} is in use by another charrnn train (pid {pid}, lock file {lock})"
-                ) from None
-            lock.unlink(missing_ok=True)  # stale: its owner is gone
-            continue
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:
             raise RunDirError(f"cannot write to {run_dir}: {e.strerror or e}") from None
-        with os.fdopen(fd, "w") as f:
-            f.write(str(os.getpid()))
+        try:
+            free = _flock(fd)
+            pid = _read_pid(fd)
+            if not free or (pid != os.getpid() and pid_alive(pid)):
+                raise RunDirError(
+                    f"{run_dir} is in use by another charrnn train (pid {pid or 'unknown'}, "
+                    f"lock file {lock}); if no such run is alive, delete the lock file"
+                )
+            try:
+                current = os.stat(lock)
+            except FileNotFoundError:
+                current = None
+            if current is None or not os.path.samestat(current, os.fstat(fd)):
+                os.close(fd)  # its owner removed it as we opened it: take a fresh one
+                continue
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, str(os.getpid()).encode(), 0)
+        except OSError as e:
+            os.close(fd)
+            raise RunDirError(f"cannot write the lock file {lock}: {e.strerror or e}") from None
+        except BaseException:
+            os.close(fd)
+            raise
         break
     else:
         raise RunDirError(f"cannot take the lock {lock}")
     try:
         yield
     finally:
-        lock.unlink(missing_ok=True)
+        try:
+            lock.unlink(missing_ok=True)
+        except OSError:
+            pass
+        os.close(fd)
 
 
 def prepare_run_dir(path: str) -> Path:
@@ -136,32 +172,58 @@ class MetricsLog:
             raise RunDirError(f"cannot write {path}: {e.strerror or e}") from None
 
     def write(self, row: dict[str, Any]) -> None:
-        self._f.write(json.dumps(row) + "\n")
-        self._f.flush()
+        try:
+            self._f.write(json.dumps(row) + "\n")
+            self._f.flush()
+        except OSError as e:
+            raise RunDirError(f"cannot write {self.path}: {e.strerror or e}") from None
 
     def close(self) -> None:
-        self._f.close()
-
-
-@contextmanager
-def stop_signals():
-    """SIGINT / SIGTERM set a flag that the loop checks after each step."""
-    received: list[int] = []
-
-    def handler(signum, _frame):
-        received.append(signum)
-
-    previous = {}
-    for sig in (signal.SIGINT, signal.SIGTERM):
         try:
-            previous[sig] = signal.signal(sig, handler)
-        except ValueError:  # not the main thread: leave signals alone
-            pass
-    try:
-        yield received
-    finally:
-        for sig, h in previous.items():
+            self._f.close()
+        except OSError:
+            pass  # a row that could not be written was reported where it failed
+
+
+def _signal_name(signum: int) -> str:
+    return "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
+
+
+class StopSignals:
+    """SIGINT / SIGTERM handling for a whole `charrnn train`.
+
+    While `deferred` is False (loading the config and the corpus: nothing to save yet) a
+    signal raises TrainingInterrupted at once. While it is True (the training loop) a signal
+    is only recorded; the loop checks `received` after each step, writes a checkpoint and
+    then raises TrainingInterrupted. Outside the main thread signals are left alone.
+    """
+
+    def __init__(self, deferred: bool = False):
+        self.deferred = deferred
+        self.received: list[int] = []
+        self._previous: dict[int, Any] = {}
+
+    def _handler(self, signum, _frame):
+        self.received.append(signum)
+        if not self.deferred:
+            raise TrainingInterrupted(
+                f"{_signal_name(signum)}: stopped while starting, before the first training "
+                "step; nothing was trained",
+                signum,
+            )
+
+    def __enter__(self) -> StopSignals:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handler)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, h in self._previous.items():
             signal.signal(sig, h)
+        self._previous.clear()
 
 
 # -- the loop -------------------------------------------------------------------------------
@@ -217,7 +279,8 @@ class Trainer:
         self.overwrite = overwrite
         self.corpus = load_corpus(cfg.data, cache_dir=cache_dir() if cfg.data.cache else None)
         self.vocab = self.corpus.vocab
-        self.stream = WindowStream(self.corpus.train, t.batch_size, t.seq_length)
+        self.stream = WindowStream(self.corpus.train, t.batch_size, t.seq_length,
+                                   name=f"{cfg.data.path}: the training split")
         shape = model_shape(cfg, self.vocab.size)
         self.model = CharRNN.create(shape, seed=t.seed, dtype=t.dtype)
         self.optimizer = Optimizer(
@@ -259,24 +322,39 @@ class Trainer:
 
     def _restore(self, ckpt: Checkpoint) -> None:
         _check_resume_compatible(self.cfg, ckpt, self.corpus)
+        dtype = np.dtype(self.cfg.train.dtype)
         try:
+            for name, t in ckpt.train_tensors.items():
+                if t.dtype.kind not in "fiu" or not np.isfinite(t).all():
+                    raise ValueError(f"tensor {name!r} holds {t.dtype} values, or NaN/Inf")
             for k, p in self.model.params.items():
                 p[...] = ckpt.params[k]
             self.optimizer.load_state_dict(
                 {k[len("optim.") :]: v for k, v in ckpt.train_tensors.items()
                  if k.startswith("optim.")}
             )
-            self.state = [
-                tuple(ckpt.train_tensors[f"state.l{k}.{n}"] for n in "hc"[: len(layer)])
-                for k, layer in enumerate(self.state)
-            ]
+            state = []
+            for k, layer in enumerate(self.state):
+                tensors = []
+                for n, zero in zip("hc", layer, strict=False):
+                    t = ckpt.train_tensors[f"state.l{k}.{n}"]
+                    if t.shape != zero.shape:
+                        raise ValueError(f"state.l{k}.{n} has shape {t.shape}, not {zero.shape}")
+                    tensors.append(np.ascontiguousarray(t, dtype=dtype))
+                state.append(tuple(tensors))
+            self.state = state
             ts = ckpt.train_state
             self.rng.bit_generator.state = ts["rng"]
             self.stream.load_state_dict(ts["data"])
-        except (KeyError, ValueError, TypeError) as e:
+            best_loss, best_val = ts.get("best_loss"), ts.get("best_val")
+            for v in (best_loss, best_val):
+                if v is not None and (isinstance(v, bool) or not isinstance(v, int | float)):
+                    raise ValueError(f"best loss {v!r} is not a number")
+            elapsed = float(ts.get("elapsed_sec", 0.0))
+        except (KeyError, ValueError, TypeError, DataError) as e:
             raise CheckpointError(f"{ckpt.path}: incomplete training state ({e})") from None
-        self.best_loss, self.best_val = ts.get("best_loss"), ts.get("best_val")
-        self.elapsed = float(ts.get("elapsed_sec", 0.0))
+        self.best_loss, self.best_val = best_loss, best_val
+        self.elapsed = elapsed
         self.step = ckpt.step
 
     def _save(self, best: bool = False) -> Path:
@@ -313,12 +391,31 @@ class Trainer:
     # -- the loop ---------------------------------------------------------------------------
 
     def run(
-        self, progress: bool = True, resume_hint: str = "", echo: Callable[[str], None] = print
+        self,
+        progress: bool = True,
+        resume_hint: str = "",
+        echo: Callable[[str], None] = print,
+        signals: StopSignals | None = None,
+        on_start: Callable[[], None] | None = None,
     ) -> TrainResult:
+        """Trains to train.max_steps; `on_start` is called once the run directory is taken.
+
+        `signals` (the CLI's, installed before loading) is switched to deferred mode here;
+        without it SIGINT/SIGTERM are handled for the duration of the run."""
+        if signals is None:
+            with StopSignals() as own:
+                return self.run(progress, resume_hint, echo, own, on_start)
+        signals.deferred = True  # from here on a signal means: checkpoint, then stop
         with run_dir_lock(self.run_dir):
+            remove_stale_temps(self.run_dir, dead_only=False)  # we hold the lock: all stale
             existing = self.ckpts.latest()
-            if self.resume:
-                self._restore(self.ckpts.load_latest_resumable())
+            resuming = self.resume
+            if resuming and existing is None and (self.run_dir / "config.yaml").exists():
+                # a run was started here but killed before its first checkpoint
+                echo(f"{self.run_dir} holds no checkpoint yet: starting from step 0")
+                resuming = False
+            if resuming:
+                self._restore(self.ckpts.load_latest_resumable(echo))
             elif existing is not None:
                 if not self.overwrite:
                     raise RunDirError(
@@ -329,20 +426,44 @@ class Trainer:
                 for old in self.run_dir.glob("*.safetensors"):
                     old.unlink()
             self._write_run_files()
-            metrics = MetricsLog(self.run_dir / "metrics.jsonl", self.step if self.resume else None)
+            if on_start is not None:
+                on_start()
+            metrics = MetricsLog(self.run_dir / "metrics.jsonl", self.step if resuming else None)
             try:
-                with stop_signals() as received:
-                    return self._loop(metrics, received, progress, resume_hint, echo)
+                return self._loop(metrics, signals.received, progress, resume_hint, echo)
+            except RunDirError as e:
+                if not resume_hint:
+                    raise
+                raise RunDirError(
+                    f"{e}; the checkpoints already written are intact; once fixed, "
+                    f"resume with: {resume_hint}"
+                ) from None
             finally:
                 metrics.close()
+
+    def _stop(self, step: int, what: str, last_ckpt: Path | None) -> NonFiniteError:
+        t = self.cfg.train
+        tips = [f"a lower train.learning_rate ({t.learning_rate:g} now, e.g. "
+                f"{t.learning_rate / 10:g})"]
+        if t.grad_clip == 0:
+            tips.append("train.grad_clip=5")
+        if t.on_nonfinite == "stop" and "weights" not in what:
+            tips.append("train.on_nonfinite=skip")
+        since = f"since {last_ckpt.name}" if last_ckpt else "(none yet)"
+        return NonFiniteError(
+            f"step {step}: {what}; training stopped, no checkpoint written {since}. Try "
+            + " or ".join(tips)
+        )
 
     def _loop(self, metrics, received, progress, resume_hint, echo) -> TrainResult:
         cfg, t = self.cfg, self.cfg.train
         chars_per_step = t.batch_size * t.seq_length
         ckpt_every = t.checkpoint_every or t.eval_every
+        diverged_loss = DIVERGED_LOSS_FACTOR * max(math.log(self.vocab.size), 1.0)
         start_step = self.step
         self.last_train_loss = float("nan")
         loss_sum, loss_n, norm_last = 0.0, 0, 0.0
+        skipped_in_a_row = 0
         t_window = time.perf_counter()
         chars_window = 0
         t_start = time.perf_counter()
@@ -354,7 +475,8 @@ class Trainer:
             dynamic_ncols=True, leave=True, file=sys.stderr,
         )
         chars_per_sec = 0.0
-        try:
+        # overflow is detected below (loss, gradient norm, weights), not warned about
+        with bar, np.errstate(over="ignore", invalid="ignore", divide="ignore"):
             while self.step < t.max_steps:
                 x, y, new_epoch = self.stream.next_window()
                 if new_epoch or not t.stateful:
@@ -363,40 +485,43 @@ class Trainer:
                 loss, grads, new_state = self.model.loss_and_grads(x, y, self.state, masks)
                 norm = clip_by_global_norm_(grads, t.grad_clip)
                 lr = _lr(cfg, self.step)
+                problem = None
                 if not (math.isfinite(loss) and math.isfinite(norm)):
                     what = "loss" if not math.isfinite(loss) else "gradient norm"
+                    problem = (f"the {what} became non-finite "
+                               f"(loss={loss}, grad_norm={norm})")
+                elif loss > diverged_loss:
+                    problem = (f"training diverged: the loss is {loss:.4g} nats/char, "
+                               f"a uniform guess is {math.log(self.vocab.size):.3g}")
+                if problem is None:
+                    self.optimizer.step(self.model.params, grads, lr)
+                    if not all(np.isfinite(p).all() for p in self.model.params.values()):
+                        raise self._stop(self.step + 1, "the weights became non-finite after "
+                                         "the update (it cannot be skipped)", last_ckpt)
+                    self.state = new_state
+                    skipped_in_a_row = 0
+                else:
+                    skipped_in_a_row += 1
                     if t.on_nonfinite == "stop":
-                        raise NonFiniteError(
-                            f"step {self.step + 1}: the {what} became non-finite "
-                            f"(loss={loss}, grad_norm={norm}); nothing was saved past the last "
-                            f"good checkpoint ({last_ckpt.name if last_ckpt else 'none'}). "
-                            "Try a lower train.learning_rate, a smaller train.grad_clip, "
-                            "or train.on_nonfinite=skip"
-                        )
-                    echo(f"step {self.step + 1}: non-finite {what}, update skipped")
+                        raise self._stop(self.step + 1, problem, last_ckpt)
+                    if skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:
+                        raise self._stop(self.step + 1, f"{problem}, {skipped_in_a_row} "
+                                         "steps in a row: the run does not recover",
+                                         last_ckpt)
+                    echo(f"step {self.step + 1}: {problem}; update skipped")
                     self.state = self.model.zero_state(t.batch_size)
-                    self.step += 1
-                    bar.update(1)
-                    continue
-                self.optimizer.step(self.model.params, grads, lr)
-                self.state = new_state
                 self.step += 1
-                loss_sum += loss
-                loss_n += 1
-                norm_last = norm
-                chars_window += chars_per_step
-                self.last_train_loss = loss
                 now = time.perf_counter()
                 self.elapsed = elapsed0 + (now - t_start)
-                if now - t_window > 0:
-                    chars_per_sec = chars_window / (now - t_window)
-                if self.step % t.log_every == 0 or self.step == t.max_steps:
-                    if not all(np.isfinite(p).all() for p in self.model.params.values()):
-                        raise NonFiniteError(
-                            f"step {self.step}: the weights became non-finite; the last good "
-                            f"checkpoint is {last_ckpt.name if last_ckpt else 'none'}. "
-                            "Try a lower train.learning_rate"
-                        )
+                if problem is None:
+                    loss_sum += loss
+                    loss_n += 1
+                    norm_last = norm
+                    chars_window += chars_per_step
+                    self.last_train_loss = loss
+                    if now - t_window > 0:
+                        chars_per_sec = chars_window / (now - t_window)
+                if loss_n and (self.step % t.log_every == 0 or self.step == t.max_steps):
                     row = {
                         "step": self.step, "epoch": self.stream.epoch,
                         "train_loss": loss_sum / loss_n, "lr": lr, "grad_norm": norm_last,
@@ -412,33 +537,33 @@ class Trainer:
                 at_end = self.step == t.max_steps
                 if self.step % t.eval_every == 0 or at_end:
                     val = self.validate()
-                    current = val if val is not None else loss
+                    train_loss = self.last_train_loss  # of the last update made
+                    current = val if val is not None else train_loss
                     if val is not None:
                         metrics.write({
                             "step": self.step, "val_loss": val, "val_bpc": val / math.log(2),
-                            "train_loss": loss, "lr": lr, "grad_norm": norm,
+                            "train_loss": train_loss, "lr": lr, "grad_norm": norm_last,
                             "chars_per_sec": chars_per_sec, "elapsed_sec": self.elapsed,
                         })
                         self.best_val = val if self.best_val is None else min(self.best_val, val)
                         if not progress:
-                            echo(f"step {self.step}/{t.max_steps}: train loss {loss:.4f}, "
+                            echo(f"step {self.step}/{t.max_steps}: train loss {train_loss:.4f}, "
                                  f"val loss {val:.4f} ({val / math.log(2):.3f} bits/char), "
                                  f"{chars_per_sec:,.0f} chars/s")
-                    if self.best_loss is None or current < self.best_loss:
+                    # a skipped step's weights made the loss non-finite: not the best
+                    if problem is None and math.isfinite(current) and (
+                            self.best_loss is None or current < self.best_loss):
                         self.best_loss = current
                         self._save(best=True)
-                if self.step % ckpt_every == 0 or at_end or received:
+                if (self.step % ckpt_every == 0 and problem is None) or at_end or received:
                     last_ckpt = self._save()
                 if received:
-                    signum = received[0]
-                    name = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
                     hint = f"; resume with: {resume_hint}" if resume_hint else ""
                     raise TrainingInterrupted(
-                        f"{name}: stopped at step {self.step}, checkpoint {last_ckpt}{hint}",
-                        signum,
+                        f"{_signal_name(received[0])}: stopped at step {self.step}, "
+                        f"checkpoint {last_ckpt}{hint}",
+                        received[0],
                     )
-        finally:
-            bar.close()
         if not best_path.exists():  # resumed at the very end of a run with no evaluation
             self._save(best=True)
         total = self.elapsed - elapsed0
