@@ -38,15 +38,6 @@ def buffer(ws: Workspace, name: str, shape: tuple[int, ...], dtype: np.dtype) ->
     return arr
 
 
-def sigmoid_(x: np.ndarray) -> np.ndarray:
-    """In-place logistic sigmoid, computed as 0.5 * tanh(0.5 x) + 0.5 (no overflow)."""
-    x *= 0.5
-    np.tanh(x, out=x)
-    x *= 0.5
-    x += 0.5
-    return x
-
-
 def _weight_grad(dpre: np.ndarray, inputs: np.ndarray) -> np.ndarray:
     """sum_t dpre_t^T @ inputs_t as a single GEMM: (T*B, G)^T @ (T*B, I) -> (G, I)."""
     g, i = dpre.shape[-1], inputs.shape[-1]
@@ -206,7 +197,14 @@ def gru_forward(xproj, state: State, W_hh, b_hh, ws: Workspace):
     T, B, G = xproj.shape
     H = G // 3
     dt = xproj.dtype
-    xproj[..., : 2 * H] += b_hh[: 2 * H]  # r and z biases fold into the input part
+    # r and z: biases fold into the input part, and sigmoid(x) = 0.5 tanh(0.5 x) + 0.5
+    # with the inner 0.5 applied once per window to the inputs and the weights.
+    rz_in = xproj[..., : 2 * H]
+    rz_in += b_hh[: 2 * H]
+    rz_in *= 0.5
+    W_scaled = buffer(ws, "W_scaled", W_hh.shape, dt)  # (3H, H)
+    np.multiply(W_hh[: 2 * H], 0.5, out=W_scaled[: 2 * H])
+    W_scaled[2 * H :] = W_hh[2 * H :]
     acts = xproj  # (T, B, 3H) becomes (r, z, n)
     hs = buffer(ws, "hs", (T + 1, B, H), dt)  # (T+1, B, H)
     hn = buffer(ws, "hn", (T, B, H), dt)  # (T, B, H)  W_hn h + b_hn, needed by backward
@@ -216,10 +214,12 @@ def gru_forward(xproj, state: State, W_hh, b_hh, ws: Workspace):
     hs[0] = state[0]
     for t in range(T):
         a = acts[t]
-        np.matmul(hs[t], W_hh.T, out=rec)  # (B, 3H)
+        np.matmul(hs[t], W_scaled.T, out=rec)  # (B, 3H)
         rz = a[:, : 2 * H]
         rz += rec[:, : 2 * H]
-        sigmoid_(rz)
+        np.tanh(rz, out=rz)
+        rz *= 0.5
+        rz += 0.5
         r, z, n = a[:, :H], a[:, H : 2 * H], a[:, 2 * H :]
         np.add(rec[:, 2 * H :], b_hn, out=hn[t])
         np.multiply(r, hn[t], out=tmp)
@@ -238,26 +238,27 @@ def gru_backward(dhs, dstate: State, cache: dict[str, Any], W_hh, ws: Workspace)
     dt = dhs.dtype
     a3 = acts.reshape(T, B, 3, H)
     r, z, n = a3[:, :, 0], a3[:, :, 1], a3[:, :, 2]
-    # Window-level factors from the forward pass:
-    #   dn_pre = dh * (1 - z)(1 - n^2),  dz_pre = dh * (h_{t-1} - n) z (1 - z),
-    #   dr_pre = dn_pre * hn r (1 - r)
-    f_n = buffer(ws, "f_n", (T, B, H), dt)
-    f_z = buffer(ws, "f_z", (T, B, H), dt)
-    f_r = buffer(ws, "f_r", (T, B, H), dt)
-    tmp_w = buffer(ws, "tmp_w", (T, B, H), dt)
-    np.multiply(n, n, out=f_n)
-    np.subtract(1.0, f_n, out=f_n)
-    np.subtract(1.0, z, out=tmp_w)
-    f_n *= tmp_w
+    # Window-level factors from the forward pass, built in place where the cache allows
+    # (the cache is consumed):
+    #   dn_pre = dh * f_n,  f_n = (1 - z)(1 - n^2)        in place of n
+    #   dz_pre = dh * f_z,  f_z = (h_{t-1} - n) z (1 - z)
+    #   dr_pre = dn_pre * f_r,  f_r = hn r (1 - r)         in place of hn
+    dn_pre = buffer(ws, "dn_pre", (T, B, H), dt)  # (T, B, H), scratch until the loop
+    f_z = buffer(ws, "f_z", (T, B, H), dt)  # (T, B, H)
+    np.subtract(1.0, z, out=dn_pre)
     np.subtract(hs[:-1], n, out=f_z)
     f_z *= z
-    f_z *= tmp_w
-    np.subtract(1.0, r, out=f_r)
-    f_r *= r
-    f_r *= hn
+    f_z *= dn_pre
+    f_n = n
+    np.multiply(n, n, out=f_n)
+    np.subtract(1.0, f_n, out=f_n)
+    f_n *= dn_pre
+    f_r = hn
+    np.subtract(1.0, r, out=dn_pre)
+    dn_pre *= r
+    f_r *= dn_pre
 
     drec = buffer(ws, "drec", (T, B, 3 * H), dt)  # (T, B, 3H) grads of W_hh h + b_hh
-    dn_pre = buffer(ws, "dn_pre", (T, B, H), dt)  # (T, B, H)
     dh = buffer(ws, "dh", (B, H), dt)
     tmp = buffer(ws, "tmp", (B, H), dt)
     dh[...] = dstate[0]
@@ -271,9 +272,9 @@ def gru_backward(dhs, dstate: State, cache: dict[str, Any], W_hh, ws: Workspace)
         dh *= z[t]
         np.matmul(q, W_hh, out=tmp)  # (B, H)
         dh += tmp
-    dx = buffer(ws, "dpre", (T, B, 3 * H), dt)  # (T, B, 3H) grads of the input part
+    dx = acts  # (T, B, 3H) grads of the input part: r, z as drec, n is dn_pre
     dx[..., : 2 * H] = drec[..., : 2 * H]
-    dx[..., 2 * H :] = dn_pre
+    a3[:, :, 2] = dn_pre
     dW_hh = _weight_grad(drec, hs[:-1])
     return dx, dW_hh, drec.sum(axis=(0, 1)), (dh.copy(),)
 

@@ -16,6 +16,7 @@ import click
 
 from . import __version__
 from .errors import CharRNNError
+from .evaluate import EVAL_BATCH, EVAL_SEQ
 
 
 class CommandError(click.ClickException):
@@ -208,9 +209,9 @@ def sample(checkpoint: str, seed: str, length: int, temperature: float, top_k: i
                    "(and counts them); error refuses the file with exit code 2.")
 @click.option("--json", "as_json", is_flag=True, default=False,
               help="Print one JSON object with loss, bpc, perplexity, chars, unknown_chars.")
-@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1),
+@click.option("--batch-size", default=EVAL_BATCH, show_default=True, type=click.IntRange(min=1),
               help="Parallel streams the text is cut into.")
-@click.option("--seq-length", default=256, show_default=True, type=click.IntRange(min=1),
+@click.option("--seq-length", default=EVAL_SEQ, show_default=True, type=click.IntRange(min=1),
               help="Window length of the stateful pass.")
 def eval_(checkpoint: str, text: str, unknown: str, as_json: bool, batch_size: int,
           seq_length: int) -> None:

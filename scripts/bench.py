@@ -34,11 +34,15 @@ What is measured, for each config (vocab 65, embedding 64, Adam lr 2e-3, clip 5)
   GEMM peak is the best of a few float32 2048 x 2048 x 2048 np.matmul in the same run.
 * Peak memory: each framework trains each config alone in a child process
   (`bench.py --child charrnn|torch`), which loads its imports and the data, builds the
-  initial weights, takes its resident size (VmRSS), resets the kernel's high-water mark
-  (writing 5 to /proc/self/clear_refs; without it ru_maxrss is used), builds its model and
-  optimizer from those weights, trains a few steps, and reports VmHWM minus that
-  baseline: the peak RSS growth due to training (weights, gradients, optimizer moments,
-  activations, library workspaces).
+  initial weights, returns freed heap to the OS (glibc malloc_trim), takes its resident
+  size (VmRSS), resets the kernel's high-water mark (writing 5 to /proc/self/clear_refs;
+  without it ru_maxrss is used), builds its model and optimizer from those weights,
+  trains a few steps (10; 2 with --quick), and reports
+  VmHWM minus that baseline: the peak RSS growth due to training (weights, gradients,
+  optimizer moments, activations, library workspaces). The two children of a config run
+  at the same time (memory does not depend on speed). charrnn's peak is reached in the
+  first step; PyTorch's creeps up for a few steps more (its allocator), so --quick
+  understates it a little.
 * Evaluation: forward only over the corpus's last characters in windows of batch 32 x
   seq 256 with the state carried (charrnn.evaluate.score; PyTorch under
   torch.inference_mode() with the same windows), both from the same initial weights;
@@ -52,13 +56,17 @@ What is measured, for each config (vocab 65, embedding 64, Adam lr 2e-3, clip 5)
   ones over T*B rows); the rest is elementwise work and Python overhead.
 
 Both frameworks use all the cores this process may run on: torch.set_num_threads(cores)
-and numpy's BLAS at its default (every core). The data is ../shared/data/tinyshakespeare.txt
-relative to the repository, or --data PATH; when absent, random text of 65 symbols.
+and numpy's BLAS at its default (every core). PyTorch runs with its defaults (oneDNN on);
+--no-mkldnn turns oneDNN off, for comparison. Each timed block starts after a 0.2 s
+pause, so that the threads of the framework that ran last have stopped spinning. The data
+is ../shared/data/tinyshakespeare.txt relative to the repository, or --data PATH; when
+absent, random text of 65 symbols.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import gc
 import json
 import os
@@ -130,17 +138,24 @@ class Plan:
     reps: int  # timed blocks per framework, alternating
     eval_chars: int  # characters scored per evaluation pass
     eval_reps: int
-    sample_steps: dict[int, int]  # streams -> generation steps per pass
+    sample_s: float  # one timed sampling pass (steps sized from a short warm-up)
     sample_reps: int
     mem_steps: int  # training steps of each memory child
 
 
-QUICK = Plan(0.3, 1, 0.8, 2, 2 * EVAL_BATCH * EVAL_SEQ + 1, 1, {1: 1000, 32: 200}, 2, 2)
-FULL = Plan(3.0, 3, 6.0, 3, 200_000, 2, {1: 5000, 32: 1000}, 3, 5)
+QUICK = Plan(0.3, 1, 0.8, 2, 2 * EVAL_BATCH * EVAL_SEQ + 1, 1, 0.25, 2, 2)
+FULL = Plan(3.0, 3, 6.0, 3, 200_000, 2, 2.0, 3, 10)
+SAMPLE_WARMUP_STEPS = 20
+# Before each timed block: the idle BLAS/OpenMP threads of the framework that ran last
+# busy-wait a while (~0.1 s) before they sleep, and would steal a core from the next one.
+SETTLE_S = 0.2
+
+
+START = time.perf_counter()
 
 
 def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+    print(f"[{time.perf_counter() - START:5.0f} s] {msg}", file=sys.stderr, flush=True)
 
 
 # -- machine and data ------------------------------------------------------------------
@@ -199,35 +214,42 @@ def train_flops_per_char(shape: ModelShape) -> float:
     return 3.0 * fwd
 
 
+def timed(fn: Callable[[], Any], settle: bool = True) -> float:
+    """Seconds `fn` takes, after letting the other framework's spinning threads go idle."""
+    if settle:
+        time.sleep(SETTLE_S)
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
 def gemm_peak(reps: int = 5) -> dict[str, float]:
     """Best float32 GFLOP/s of an N x N x N matmul, numpy and torch."""
     a = np.random.default_rng(0).standard_normal((GEMM_N, GEMM_N)).astype(np.float32)
     b, c = a.copy(), np.empty_like(a)
     flops = 2.0 * GEMM_N**3
     np.matmul(a, b, out=c)
-    best = min(timed(lambda: np.matmul(a, b, out=c)) for _ in range(reps))
+    best = min(timed(lambda: np.matmul(a, b, out=c), settle=False) for _ in range(reps))
     out = {"numpy_gflops": flops / best / 1e9}
     torch = import_torch()
     ta, tb = torch.from_numpy(a), torch.from_numpy(b)
     tc = torch.mm(ta, tb)
-    best = min(timed(lambda: torch.mm(ta, tb, out=tc)) for _ in range(reps))
+    best = min(timed(lambda: torch.mm(ta, tb, out=tc), settle=False) for _ in range(reps))
     out["torch_gflops"] = flops / best / 1e9
     return out
 
 
-def timed(fn: Callable[[], Any]) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
-
-
 # -- PyTorch ---------------------------------------------------------------------------
+
+
+USE_MKLDNN = True  # --no-mkldnn turns off PyTorch's oneDNN kernels (torch.backends.mkldnn)
 
 
 def import_torch():
     import torch
 
     torch.set_num_threads(num_cores())
+    torch.backends.mkldnn.enabled = USE_MKLDNN
     return torch
 
 
@@ -350,6 +372,7 @@ class TorchTrainer(Trainer):
 
 def run_block(trainer: Trainer, seconds: float, min_steps: int = 1) -> tuple[int, float]:
     """Steps until `seconds` have passed (and at least min_steps): (chars, seconds)."""
+    time.sleep(SETTLE_S)  # see timed()
     n, t0 = 0, time.perf_counter()
     while True:
         trainer.step()
@@ -417,6 +440,10 @@ def child_train_memory(framework: str, cfg: Config, data: Path | None, steps: in
     shape = cfg.shape(vocab)
     source = CharRNN.create(shape, INIT_SEED).params  # the initial weights, like the data
     gc.collect()
+    try:  # hand freed heap back to the OS, so that reusing it counts as growth
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
     baseline = rss_bytes("VmRSS")
     try:
         Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
@@ -438,23 +465,22 @@ def child_train_memory(framework: str, cfg: Config, data: Path | None, steps: in
 
 
 def bench_memory(cfg: Config, data: Path | None, steps: int) -> dict:
-    out: dict[str, Any] = {}
+    """Both children of a config at once: peak memory does not depend on the speed."""
+    procs = {}
     for framework in ("charrnn", "torch"):
-        cmd = [
-            sys.executable,
-            str(Path(__file__).resolve()),
-            "--child",
-            framework,
-            "--configs",
-            cfg.name,
-            "--mem-steps",
-            str(steps),
-        ]
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--child", framework]
+        cmd += ["--configs", cfg.name, "--mem-steps", str(steps)]
         cmd += ["--data", str(data) if data is not None else ""]
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        cmd += [] if USE_MKLDNN else ["--no-mkldnn"]
+        procs[framework] = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+    out: dict[str, Any] = {}
+    for framework, proc in procs.items():
+        stdout, stderr = proc.communicate()
         if proc.returncode != 0:
-            raise RuntimeError(f"memory child {framework} {cfg.name} failed:\n{proc.stderr}")
-        out[framework] = json.loads(proc.stdout.strip().splitlines()[-1])
+            raise RuntimeError(f"memory child {framework} {cfg.name} failed:\n{stderr}")
+        out[framework] = json.loads(stdout.strip().splitlines()[-1])
     mib = 1024 * 1024
     out["charrnn_mib"] = out["charrnn"]["peak_growth_bytes"] / mib
     out["torch_mib"] = out["torch"]["peak_growth_bytes"] / mib
@@ -501,6 +527,7 @@ def bench_eval(cfg: Config, eval_ids: np.ndarray, vocab: int, plan: Plan) -> dic
     bpc: dict[str, float] = {}
     for _ in range(plan.eval_reps):
         for name, run in runs.items():
+            time.sleep(SETTLE_S)  # see timed()
             t0 = time.perf_counter()
             total, count = run(eval_ids)
             rates[name].append(count / (time.perf_counter() - t0))
@@ -546,17 +573,20 @@ def bench_sampling(cfg: Config, ids: np.ndarray, vocab: int, plan: Plan) -> dict
     seed = ids[:16].astype(np.int64)
     out: dict[str, Any] = {}
     for streams in SAMPLE_STREAMS:
-        steps = plan.sample_steps[streams]
         runs = {
             "charrnn": lambda n, b=streams: charrnn_sample(model, seed, n, b),
             "PyTorch": lambda n, b=streams: torch_sample(tmodel, seed, n, b),
         }
-        for run in runs.values():
-            run(max(1, steps // 10))
+        steps: dict[str, int] = {}  # each framework's steps per pass: about plan.sample_s
+        for name, run in runs.items():
+            run(SAMPLE_WARMUP_STEPS)
+            secs = timed(lambda r=run: r(SAMPLE_WARMUP_STEPS))
+            steps[name] = max(SAMPLE_WARMUP_STEPS, int(plan.sample_s / secs * SAMPLE_WARMUP_STEPS))
         rates: dict[str, list[float]] = {name: [] for name in runs}
         for _ in range(plan.sample_reps):
             for name, run in runs.items():
-                rates[name].append(streams * steps / timed(lambda r=run, n=steps: r(n)))
+                n = steps[name]
+                rates[name].append(streams * n / timed(lambda r=run, n=n: r(n)))
         ours, theirs = median(rates["charrnn"]), median(rates["PyTorch"])
         out[str(streams)] = {"charrnn_cps": ours, "torch_cps": theirs, "ratio": ours / theirs}
     return out
@@ -612,7 +642,7 @@ def gemm_replay(cfg: Config, vocab: int, reps: int = 3) -> dict[str, dict[str, f
                     np.matmul(a, b, out=c)
 
         run()
-        secs = min(timed(run) for _ in range(reps))
+        secs = min(timed(run, settle=False) for _ in range(reps))
         flops = sum(2.0 * a.shape[0] * a.shape[1] * b.shape[1] * n for a, b, _, n in items)
         out[group] = {"ms": 1e3 * secs, "gflops": flops / secs / 1e9}
     return out
@@ -694,7 +724,8 @@ def report(results: dict) -> str:
         f"- Python {m['python']}, numpy {m['numpy']} ({m['blas']}), torch {m['torch']},"
         f" charrnn {m['charrnn']}",
         f"- data: {m['data']}",
-        f"- float32 GEMM peak ({GEMM_N}^3): numpy {g['numpy_gflops']:.1f} GFLOP/s,"
+        f"- float32 GEMM peak ({GEMM_N}^3, best at the start and the end):"
+        f" numpy {g['numpy_gflops']:.1f} GFLOP/s,"
         f" torch {g['torch_gflops']:.1f} GFLOP/s",
         f"- mode: {m['mode']}; load average at the start {m['load_average_at_start']:.2f}",
         "",
@@ -830,6 +861,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="add charrnn's time per phase of a step and its GEMMs alone",
     )
     ap.add_argument("--no-memory", action="store_true", help="skip the memory child processes")
+    ap.add_argument(
+        "--no-mkldnn",
+        action="store_true",
+        help="run PyTorch without its oneDNN kernels (its default oneDNN LSTM is slow"
+        " for one-step calls, as in sampling)",
+    )
     ap.add_argument("--child", choices=("charrnn", "torch"), help=argparse.SUPPRESS)
     ap.add_argument("--mem-steps", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -850,13 +887,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    global USE_MKLDNN
     args = parse_args(argv)
+    USE_MKLDNN = not args.no_mkldnn
     if args.child:  # one framework's training memory, reported as one JSON line
         result = child_train_memory(args.child, CONFIGS[args.configs[0]], args.data, args.mem_steps)
         print(json.dumps(result))
         return 0
 
-    start = time.perf_counter()
     if os.getloadavg()[0] > 0.5:
         log(
             f"warning: load average {os.getloadavg()[0]:.2f}: other work competes for the"
@@ -874,7 +912,8 @@ def main(argv: list[str] | None = None) -> int:
             "python": platform.python_version(),
             "numpy": np.__version__,
             "blas": numpy_blas(),
-            "torch": f"{torch.__version__} ({torch.get_num_threads()} threads)",
+            "torch": f"{torch.__version__} ({torch.get_num_threads()} threads,"
+            f" oneDNN {'on' if torch.backends.mkldnn.enabled else 'off'})",
             "charrnn": getattr(charrnn, "__version__", "?"),
             "data": data_desc,
             "mode": "--quick" if args.quick else "full",
@@ -888,7 +927,7 @@ def main(argv: list[str] | None = None) -> int:
         "profile": {},
     }
     log("GEMM peak ...")
-    results["gemm"] = gemm_peak()
+    gemm_runs = [gemm_peak()]
     for cfg in configs:
         log(f"training {cfg.name} ...")
         results["training"][cfg.name] = bench_training(cfg, train_ids, vocab, plan)
@@ -906,12 +945,16 @@ def main(argv: list[str] | None = None) -> int:
             log(f"profile {cfg.name} ...")
             steps = 3 if args.quick else 10
             results["profile"][cfg.name] = profile_charrnn(cfg, train_ids, vocab, steps)
+    log("GEMM peak again ...")
+    gemm_runs.append(gemm_peak())  # the best of the start and the end of the run
+    results["gemm"] = {k: max(g[k] for g in gemm_runs) for k in gemm_runs[0]}
+    results["gemm"]["runs"] = gemm_runs
     results["targets"] = check_targets(results)
-    results["elapsed_s"] = time.perf_counter() - start
+    results["elapsed_s"] = time.perf_counter() - START
     print(report(results))
     if results["profile"]:
         print("\n" + profile_table(results["profile"]))
-    print(f"\n(benchmark took {time.perf_counter() - start:.0f} s)")
+    print(f"\n(benchmark took {time.perf_counter() - START:.0f} s)")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
     return 0
