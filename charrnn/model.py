@@ -146,7 +146,8 @@ class CharRNN:
         self.cell: Cell = CELLS[shape.cell]
         self.params = params
         self.dtype = next(iter(params.values())).dtype
-        self._ws: list[Workspace] = [{} for _ in range(shape.num_layers)]
+        self._ws: list[Workspace] = [{} for _ in range(shape.num_layers)]  # forward, per layer
+        self._bwd_ws: Workspace = {}  # backward scratch: layers run one after another, share it
         self._top: Workspace = {}
 
     @classmethod
@@ -246,7 +247,7 @@ class CharRNN:
                 dfinal = dstate[k]
             W_ih = p[f"rnn.weight_ih_l{k}"]
             dxproj, dW_hh, db_hh, dstate0[k] = self.cell.backward(
-                dtop, dfinal, cache["caches"][k], p[f"rnn.weight_hh_l{k}"], self._ws[k]
+                dtop, dfinal, cache["caches"][k], p[f"rnn.weight_hh_l{k}"], self._bwd_ws
             )
             dx2 = dxproj.reshape(T * B, -1)  # (T*B, G*H)
             grads[f"rnn.weight_hh_l{k}"] = dW_hh
