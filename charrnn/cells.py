@@ -18,13 +18,28 @@ layer above and dL/dstate_T arriving from the next window, and returns
 Only the recurrent product h_{t-1} @ W_hh.T is done step by step; everything that can
 be done for a whole window at once (bias folding, weight gradients) is one GEMM or one
 ufunc over (T*B, ...).
+
+The elementwise work of one step can run in a compiled kernel from the optional extension
+charrnn/_fused.c, one pass over the batch instead of several numpy calls; each loop keeps its
+numpy lines beside the kernel call, and those lines are the reference.  A kernel does the same
+arithmetic in the same order (backward steps give bit-identical results); forward steps differ
+only by their tanh, libm's in float64 and a vectorized one within 1.5e-7 in float32.  The
+kernels are used when the extension is built and CHARRNN_ACCEL is not "0"; see `accelerated()`.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any, NamedTuple
 
 import numpy as np
+
+try:
+    from . import _fused
+except ImportError:  # not built (no C compiler at install time): numpy only
+    _fused = None
+if os.environ.get("CHARRNN_ACCEL") == "0":
+    _fused = None
 
 State = tuple[np.ndarray, ...]
 Workspace = dict[str, np.ndarray]
@@ -36,6 +51,18 @@ def buffer(ws: Workspace, name: str, shape: tuple[int, ...], dtype: np.dtype) ->
     if arr is None or arr.shape != shape or arr.dtype != dtype:
         arr = ws[name] = np.empty(shape, dtype)
     return arr
+
+
+def accelerated() -> bool:
+    """Whether the per-step loops run the compiled kernels of charrnn/_fused.c."""
+    return _fused is not None
+
+
+def _kernels(*window_arrays: np.ndarray):
+    """The compiled kernels, or None to use numpy: off, or a caller's array they can't take."""
+    if _fused is None or not all(a.flags.c_contiguous for a in window_arrays):
+        return None
+    return _fused
 
 
 def _weight_grad(dpre: np.ndarray, inputs: np.ndarray) -> np.ndarray:
@@ -55,10 +82,14 @@ def rnn_forward(xproj, state: State, W_hh, b_hh, ws: Workspace):
     hs = buffer(ws, "hs", (T + 1, B, H), xproj.dtype)  # (T+1, B, H)
     tmp = buffer(ws, "tmp", (B, H), xproj.dtype)
     hs[0] = state[0]
+    fused = _kernels(xproj)
     for t in range(T):
         np.matmul(hs[t], W_hh.T, out=tmp)  # (B, H)
-        np.add(xproj[t], tmp, out=hs[t + 1])
-        np.tanh(hs[t + 1], out=hs[t + 1])
+        if fused:  # the numpy lines below in one pass, tanh aside
+            fused.rnn_fwd_step(xproj[t], tmp, hs[t + 1])
+        else:
+            np.add(xproj[t], tmp, out=hs[t + 1])
+            np.tanh(hs[t + 1], out=hs[t + 1])
     return hs, (hs[T].copy(),), {"hs": hs}
 
 
@@ -71,9 +102,13 @@ def rnn_backward(dhs, dstate: State, cache: dict[str, Any], W_hh, ws: Workspace)
     np.subtract(1.0, dpre, out=dpre)
     dh = buffer(ws, "dh", (B, H), dhs.dtype)
     dh[...] = dstate[0]
+    fused = _kernels(dhs)
     for t in range(T - 1, -1, -1):
-        dh += dhs[t]
-        dpre[t] *= dh
+        if fused:  # computes exactly the numpy lines below, in one pass
+            fused.rnn_bwd_step(dh, dhs[t], dpre[t])
+        else:
+            dh += dhs[t]
+            dpre[t] *= dh
         np.matmul(dpre[t], W_hh, out=dh)  # (B, H)
     dW_hh = _weight_grad(dpre, hs[:-1])
     return dpre, dW_hh, dpre.sum(axis=(0, 1)), (dh.copy(),)
@@ -122,9 +157,13 @@ def lstm_forward(xproj, state: State, W_hh, b_hh, ws: Workspace):
     rec = buffer(ws, "rec", (B, G), dt)
     ig = buffer(ws, "ig", (B, H), dt)
     hs[0], cs[0] = state
+    fused = _kernels(xproj)
     for t in range(T):
         a = acts[t]  # (B, 4H)
         np.matmul(hs[t], W_scaled.T, out=rec)
+        if fused:  # the numpy lines below in one pass over the batch, tanh aside
+            fused.lstm_fwd_step(a, rec, cs[t], cs[t + 1], tanh_c[t], hs[t + 1])
+            continue
         a += rec
         np.tanh(a, out=a)
         a *= aff.scale
@@ -174,13 +213,17 @@ def lstm_backward(dhs, dstate: State, cache: dict[str, Any], W_hh, ws: Workspace
     tmp = buffer(ws, "tmp", (B, H), dt)
     dh[...] = dstate[0]
     dc[...] = dstate[1]
+    fused = _kernels(dhs)
     for t in range(T - 1, -1, -1):
-        dh += dhs[t]
-        np.multiply(dh, p[t], out=tmp)
-        dc += tmp
-        np.multiply(dc[:, None, :], q4[t, :, :3], out=d4[t, :, :3])  # di, df, dg
-        np.multiply(dh, q4[t, :, 3], out=d4[t, :, 3])  # do
-        dc *= f[t]  # through f to c_{t-1}
+        if fused:  # computes exactly the numpy lines below, in one pass over the batch
+            fused.lstm_bwd_step(dh, dc, dhs[t], p[t], acts[t], f[t], dpre[t])  # acts[t] is q4[t]
+        else:
+            dh += dhs[t]
+            np.multiply(dh, p[t], out=tmp)
+            dc += tmp
+            np.multiply(dc[:, None, :], q4[t, :, :3], out=d4[t, :, :3])  # di, df, dg
+            np.multiply(dh, q4[t, :, 3], out=d4[t, :, 3])  # do
+            dc *= f[t]  # through f to c_{t-1}
         np.matmul(dpre[t], W_hh, out=dh)  # (B, H)
     dW_hh = _weight_grad(dpre, hs[:-1])
     return dpre, dW_hh, dpre.sum(axis=(0, 1)), (dh.copy(), dc.copy())
@@ -212,9 +255,13 @@ def gru_forward(xproj, state: State, W_hh, b_hh, ws: Workspace):
     tmp = buffer(ws, "tmp", (B, H), dt)
     b_hn = b_hh[2 * H :]
     hs[0] = state[0]
+    fused = _kernels(xproj, b_hn)
     for t in range(T):
         a = acts[t]
         np.matmul(hs[t], W_scaled.T, out=rec)  # (B, 3H)
+        if fused:  # the numpy lines below in one pass over the batch, tanh aside
+            fused.gru_fwd_step(a, rec, b_hn, hs[t], hn[t], hs[t + 1])
+            continue
         rz = a[:, : 2 * H]
         rz += rec[:, : 2 * H]
         np.tanh(rz, out=rz)
@@ -262,14 +309,18 @@ def gru_backward(dhs, dstate: State, cache: dict[str, Any], W_hh, ws: Workspace)
     dh = buffer(ws, "dh", (B, H), dt)
     tmp = buffer(ws, "tmp", (B, H), dt)
     dh[...] = dstate[0]
+    fused = _kernels(dhs)
     for t in range(T - 1, -1, -1):
         q = drec[t]
-        dh += dhs[t]
-        np.multiply(dh, f_n[t], out=dn_pre[t])
-        np.multiply(dh, f_z[t], out=q[:, H : 2 * H])
-        np.multiply(dn_pre[t], f_r[t], out=q[:, :H])
-        np.multiply(dn_pre[t], r[t], out=q[:, 2 * H :])
-        dh *= z[t]
+        if fused:  # computes exactly the numpy lines below, in one pass over the batch
+            fused.gru_bwd_step(dh, dhs[t], acts[t], f_z[t], f_r[t], dn_pre[t], q)
+        else:
+            dh += dhs[t]
+            np.multiply(dh, f_n[t], out=dn_pre[t])
+            np.multiply(dh, f_z[t], out=q[:, H : 2 * H])
+            np.multiply(dn_pre[t], f_r[t], out=q[:, :H])
+            np.multiply(dn_pre[t], r[t], out=q[:, 2 * H :])
+            dh *= z[t]
         np.matmul(q, W_hh, out=tmp)  # (B, H)
         dh += tmp
     dx = acts  # (T, B, 3H) grads of the input part: r, z as drec, n is dn_pre

@@ -42,6 +42,22 @@ def _private_cache_dir(tmp_path_factory, monkeypatch):
     return cache
 
 
+@pytest.fixture(params=["fused", "numpy"])
+def both_paths(request, monkeypatch):
+    """Runs a test through the compiled per-step kernels of charrnn/_fused.c (skipped where the
+    extension is not built) and through the pure-numpy code path of charrnn.cells."""
+    import charrnn.cells as cells
+
+    kernels = None
+    if request.param == "fused":
+        try:
+            from charrnn import _fused as kernels
+        except ImportError:
+            pytest.skip("the compiled extension charrnn._fused is not built")
+    monkeypatch.setattr(cells, "_fused", kernels)
+    return request.param
+
+
 @pytest.fixture
 def corpus_path(tmp_path) -> Path:
     """A ~15k-character corpus file in tmp_path."""

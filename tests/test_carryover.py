@@ -9,6 +9,8 @@ import pytest
 from charrnn.data import WindowStream
 from charrnn.model import CharRNN, ModelShape
 
+pytestmark = pytest.mark.usefixtures("both_paths")  # compiled kernels and numpy
+
 V, B, N = 11, 3, 48
 
 

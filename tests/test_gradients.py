@@ -9,6 +9,8 @@ import pytest
 from charrnn.cells import CELLS
 from charrnn.model import CharRNN, ModelShape, cross_entropy_
 
+pytestmark = pytest.mark.usefixtures("both_paths")  # compiled kernels and numpy
+
 V, T, B = 7, 5, 3
 
 

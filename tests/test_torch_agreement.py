@@ -16,6 +16,8 @@ import pytest
 
 from charrnn.model import CharRNN, ModelShape, cross_entropy_, param_shapes
 
+pytestmark = pytest.mark.usefixtures("both_paths")  # compiled kernels and numpy
+
 FIXTURES = Path(__file__).parent / "fixtures"
 CASES = sorted(p.name for p in FIXTURES.glob("torch_*.npz") if "default" not in p.name)
 DEFAULTS = sorted(p.name for p in FIXTURES.glob("torch_default_*.npz"))
