@@ -111,29 +111,34 @@ static inline double tanh_f64(double x) { return tanh(x); }
         }                                                                                   \
     }
 
-/* LSTM backward, before dh = dpre[t] @ W_hh.  dh, dc (B, H) in/out; dh_in: dhs[t]; p: p[t];
- * f: f[t] (B, H); q: q4[t] (B, 4H); output d: dpre[t] (B, 4H).
- *   dh += dh_in;  dc += dh * p;  d[:, :3H] = dc * q[:, :3H];  d[:, 3H:] = dh * q[:, 3H:];
+/* LSTM backward, before dh = dpre[t] @ W_hh, straight from the forward pass's values (so
+ * no window-level factors are needed).  dh, dc (B, H) in/out; dh_in: dhs[t]; a: acts[t]
+ * (B, 4H) = (i, f, g, o); c_prev: cs[t], tanh_c: tanh_c[t] (B, H); output d: dpre[t].
+ *   dh += dh_in;  dc += dh * o * (1 - tanh_c^2);
+ *   d = [dc * g * i(1-i), dc * c_prev * f(1-f), dc * i * (1-g^2), dh * tanh_c * o(1-o)];
  *   dc *= f                                                                               */
 #define DEFINE_LSTM_BWD(real)                                                               \
     KERNEL lstm_bwd_##real(Py_ssize_t B, Py_ssize_t H, real *restrict dh,                   \
                            real *restrict dc, const real *restrict dh_in,                   \
-                           const real *restrict p, const real *restrict q,                  \
-                           const real *restrict f, real *restrict d)                        \
+                           const real *restrict a, const real *restrict c_prev,             \
+                           const real *restrict tanh_c, real *restrict d)                   \
     {                                                                                       \
+        const real one = 1;                                                                 \
         for (Py_ssize_t b = 0; b < B; b++) {                                                \
-            const real *qb = q + b * 4 * H;                                                 \
+            const real *ab = a + b * 4 * H;                                                 \
             real *db = d + b * 4 * H;                                                       \
             for (Py_ssize_t j = 0; j < H; j++) {                                            \
                 Py_ssize_t k = b * H + j;                                                   \
+                real i = ab[j], f = ab[H + j], g = ab[2 * H + j], o = ab[3 * H + j];        \
+                real tc = tanh_c[k];                                                        \
                 real dhj = dh[k] + dh_in[k];                                                \
-                real dcj = dc[k] + dhj * p[k];                                              \
-                db[j] = dcj * qb[j];                                                        \
-                db[H + j] = dcj * qb[H + j];                                                \
-                db[2 * H + j] = dcj * qb[2 * H + j];                                        \
-                db[3 * H + j] = dhj * qb[3 * H + j];                                        \
+                real dcj = dc[k] + dhj * (o * (one - tc * tc));                             \
+                db[j] = dcj * (g * ((one - i) * i));                                        \
+                db[H + j] = dcj * (c_prev[k] * ((one - f) * f));                            \
+                db[2 * H + j] = dcj * (i * (one - g * g));                                  \
+                db[3 * H + j] = dhj * (tc * ((one - o) * o));                               \
                 dh[k] = dhj;                                                                \
-                dc[k] = dcj * f[k];                                                         \
+                dc[k] = dcj * f;                                                            \
             }                                                                               \
         }                                                                                   \
     }
@@ -345,8 +350,8 @@ fail:
 WRAPPER(lstm_fwd, ARGS6,
         {"a", 1, 4}, {"rec", 0, 4}, {"c_prev", 0, 1}, {"c", 1, 1}, {"tanh_c", 1, 1}, {"h", 1, 1})
 WRAPPER(lstm_bwd, ARGS7,
-        {"dh", 1, 1}, {"dc", 1, 1}, {"dh_in", 0, 1}, {"p", 0, 1}, {"q", 0, 4}, {"f", 0, 1},
-        {"d", 1, 4})
+        {"dh", 1, 1}, {"dc", 1, 1}, {"dh_in", 0, 1}, {"a", 0, 4}, {"c_prev", 0, 1},
+        {"tanh_c", 0, 1}, {"d", 1, 4})
 WRAPPER(gru_fwd, ARGS6,
         {"a", 1, 3}, {"rec", 0, 3}, {"b_hn", 0, 0}, {"h_prev", 0, 1}, {"hn", 1, 1}, {"h", 1, 1})
 WRAPPER(gru_bwd, ARGS7,
@@ -359,7 +364,8 @@ static PyMethodDef methods[] = {
     {"lstm_fwd_step", py_lstm_fwd, METH_VARARGS,
      "lstm_fwd_step(a, rec, c_prev, c, tanh_c, h): one LSTM forward step after the GEMM."},
     {"lstm_bwd_step", py_lstm_bwd, METH_VARARGS,
-     "lstm_bwd_step(dh, dc, dh_in, p, q, f, d): one LSTM backward step before the GEMM."},
+     "lstm_bwd_step(dh, dc, dh_in, a, c_prev, tanh_c, d): one LSTM backward step before the "
+     "GEMM, from the forward pass's activations."},
     {"gru_fwd_step", py_gru_fwd, METH_VARARGS,
      "gru_fwd_step(a, rec, b_hn, h_prev, hn, h): one GRU forward step after the GEMM."},
     {"gru_bwd_step", py_gru_bwd, METH_VARARGS,

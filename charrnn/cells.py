@@ -22,8 +22,10 @@ ufunc over (T*B, ...).
 The elementwise work of one step can run in a compiled kernel from the optional extension
 charrnn/_fused.c, one pass over the batch instead of several numpy calls; each loop keeps its
 numpy lines beside the kernel call, and those lines are the reference.  A kernel does the same
-arithmetic in the same order (backward steps give bit-identical results); forward steps differ
-only by their tanh, libm's in float64 and a vectorized one within 1.5e-7 in float32.  The
+arithmetic (the GRU and RNN backward steps in the same order, bit-identical; the LSTM backward
+step computes the window factors on the fly instead of in a window-level pass, equal up to
+rounding); forward steps differ only by their tanh, libm's in float64 and a vectorized one
+within 1.5e-7 in float32.  The
 kernels are used when the extension is built and CHARRNN_ACCEL is not "0"; see `accelerated()`.
 """
 
@@ -182,49 +184,52 @@ def lstm_backward(dhs, dstate: State, cache: dict[str, Any], W_hh, ws: Workspace
     hs, cs, tanh_c, acts = cache["hs"], cache["cs"], cache["tanh_c"], cache["acts"]
     T, B, H = dhs.shape
     dt = dhs.dtype
-    # Everything that depends only on the forward pass is computed for the whole window:
-    #   p = o * (1 - tanh(c_t)^2)               so that   dc  += dh * p
-    #   q = [g, c_{t-1}, i, tanh(c_t)] * act'   so that   dpre = [dc, dc, dc, dh] * q
-    # q is built in place of the activations (the cache is consumed).
-    a4 = acts.reshape(T, B, 4, H)
-    p = buffer(ws, "p", (T, B, H), dt)  # (T, B, H)
-    np.multiply(tanh_c, tanh_c, out=p)
-    np.subtract(1.0, p, out=p)
-    p *= a4[:, :, 3]
-    dpre = buffer(ws, "dpre", (T, B, 4 * H), dt)  # (T, B, 4H), act' until the loop
-    d4 = dpre.reshape(T, B, 4, H)
-    np.subtract(1.0, acts, out=dpre)  # sigmoid' = (1 - a) a
-    dpre *= acts
-    np.multiply(a4[:, :, 2], a4[:, :, 2], out=d4[:, :, 2])  # tanh' = 1 - g^2
-    np.subtract(1.0, d4[:, :, 2], out=d4[:, :, 2])
-    f = buffer(ws, "f", (T, B, H), dt)  # (T, B, H) forget gate, for the loop
-    np.copyto(f, a4[:, :, 1])
-    np.copyto(a4[:, :, 1], cs[:-1])
-    np.copyto(a4[:, :, 3], tanh_c)
-    i_saved = tanh_c  # free now: holds i while i and g swap places
-    np.copyto(i_saved, a4[:, :, 0])
-    np.copyto(a4[:, :, 0], a4[:, :, 2])
-    np.copyto(a4[:, :, 2], i_saved)
-    acts *= dpre
-    q4 = a4
-
+    dpre = buffer(ws, "dpre", (T, B, 4 * H), dt)  # (T, B, 4H)
     dh = buffer(ws, "dh", (B, H), dt)
     dc = buffer(ws, "dc", (B, H), dt)
-    tmp = buffer(ws, "tmp", (B, H), dt)
     dh[...] = dstate[0]
     dc[...] = dstate[1]
     fused = _kernels(dhs)
-    for t in range(T - 1, -1, -1):
-        if fused:  # computes exactly the numpy lines below, in one pass over the batch
-            fused.lstm_bwd_step(dh, dc, dhs[t], p[t], acts[t], f[t], dpre[t])  # acts[t] is q4[t]
-        else:
+    if fused:
+        # the kernel computes the gate derivatives from the activations as it goes, in
+        # one pass per step: the same values as the numpy path's window factors below
+        for t in range(T - 1, -1, -1):
+            fused.lstm_bwd_step(dh, dc, dhs[t], acts[t], cs[t], tanh_c[t], dpre[t])
+            np.matmul(dpre[t], W_hh, out=dh)  # (B, H)
+    else:
+        # Everything that depends only on the forward pass is computed for the whole window:
+        #   p = o * (1 - tanh(c_t)^2)               so that   dc  += dh * p
+        #   q = [g, c_{t-1}, i, tanh(c_t)] * act'   so that   dpre = [dc, dc, dc, dh] * q
+        # q is built in place of the activations (the cache is consumed).
+        a4 = acts.reshape(T, B, 4, H)
+        p = buffer(ws, "p", (T, B, H), dt)  # (T, B, H)
+        np.multiply(tanh_c, tanh_c, out=p)
+        np.subtract(1.0, p, out=p)
+        p *= a4[:, :, 3]
+        d4 = dpre.reshape(T, B, 4, H)  # act' until the loop
+        np.subtract(1.0, acts, out=dpre)  # sigmoid' = (1 - a) a
+        dpre *= acts
+        np.multiply(a4[:, :, 2], a4[:, :, 2], out=d4[:, :, 2])  # tanh' = 1 - g^2
+        np.subtract(1.0, d4[:, :, 2], out=d4[:, :, 2])
+        f = buffer(ws, "f", (T, B, H), dt)  # (T, B, H) forget gate, for the loop
+        np.copyto(f, a4[:, :, 1])
+        np.copyto(a4[:, :, 1], cs[:-1])
+        np.copyto(a4[:, :, 3], tanh_c)
+        i_saved = tanh_c  # free now: holds i while i and g swap places
+        np.copyto(i_saved, a4[:, :, 0])
+        np.copyto(a4[:, :, 0], a4[:, :, 2])
+        np.copyto(a4[:, :, 2], i_saved)
+        acts *= dpre
+        q4 = a4
+        tmp = buffer(ws, "tmp", (B, H), dt)
+        for t in range(T - 1, -1, -1):
             dh += dhs[t]
             np.multiply(dh, p[t], out=tmp)
             dc += tmp
             np.multiply(dc[:, None, :], q4[t, :, :3], out=d4[t, :, :3])  # di, df, dg
             np.multiply(dh, q4[t, :, 3], out=d4[t, :, 3])  # do
             dc *= f[t]  # through f to c_{t-1}
-        np.matmul(dpre[t], W_hh, out=dh)  # (B, H)
+            np.matmul(dpre[t], W_hh, out=dh)  # (B, H)
     dW_hh = _weight_grad(dpre, hs[:-1])
     return dpre, dW_hh, dpre.sum(axis=(0, 1)), (dh.copy(), dc.copy())
 
