@@ -133,11 +133,10 @@ class _GateAffine(NamedTuple):
 
 
 def _lstm_affine(H: int, dtype: np.dtype, ws: Workspace) -> _GateAffine:
-    key = ws.get("affine_key")
-    if key is None or key.shape != (H,) or key.dtype != dtype:
+    scale = ws.get("scale")
+    if scale is None or scale.shape != (4 * H,) or scale.dtype != dtype:
         is_g = np.zeros(4 * H, bool)
         is_g[2 * H : 3 * H] = True
-        ws["affine_key"] = np.empty(H, dtype)
         ws["scale"] = np.where(is_g, 1.0, 0.5).astype(dtype)
         ws["shift"] = np.where(is_g, 0.0, 0.5).astype(dtype)
     return _GateAffine(ws["scale"], ws["shift"])

@@ -267,10 +267,7 @@ def vocab(text: str, include: str, encoding: str, errors: str, output: str | Non
         click.echo("least frequent: " + ", ".join(
             f"{v.chars[i]!r} {v.counts[i]:,}" for i in order[::-1][:top]))
     if output:
-        try:
-            v.save(output)
-        except OSError as e:
-            raise DataError(f"{output}: cannot write ({e.strerror or e})") from None
+        v.save(output)
         click.echo(f"wrote {output}")
 
 

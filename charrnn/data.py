@@ -24,7 +24,7 @@ from typing import Protocol
 
 import numpy as np
 
-from charrnn.errors import DataError, VocabError
+from charrnn.errors import DataError, RunDirError, VocabError
 from charrnn.fileio import remove_stale_temps, temp_path
 from charrnn.vocab import UNKNOWN_MODES, Vocab, describe_unknown
 
@@ -260,7 +260,7 @@ def _store_cached(cache_dir: Path, key: str, vocab: Vocab, ids: np.ndarray) -> n
             os.fsync(f.fileno())
         os.replace(tmp, npy)  # the .npy appears last: its presence marks a complete entry
         return np.load(npy, mmap_mode="r")
-    except OSError as e:
+    except (OSError, RunDirError) as e:  # RunDirError: Vocab.save's atomic write failed
         log.warning("cannot write the corpus cache in %s (%s); going on without it", cache_dir, e)
         return ids
     finally:

@@ -377,8 +377,7 @@ class Trainer:
     def _write_run_files(self) -> None:
         text = yaml.safe_dump(config_to_dict(self.cfg), sort_keys=False)
         atomic_write_bytes(self.run_dir / "config.yaml", text.encode())
-        vocab = json.dumps(self.vocab.to_json(), ensure_ascii=False, indent=0)
-        atomic_write_bytes(self.run_dir / "vocab.json", vocab.encode())
+        self.vocab.save(self.run_dir / "vocab.json")
 
     # -- evaluation -------------------------------------------------------------------------
 

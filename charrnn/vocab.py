@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from charrnn.errors import VocabError
+from charrnn.fileio import atomic_write_bytes
 
 UNKNOWN_MODES = ("error", "skip")
 _MAX_LISTED = 10  # unknown characters named in an error message
@@ -175,19 +176,13 @@ class Vocab:
         return cls(data["chars"], counts)
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        """Writes the JSON atomically (a temporary file, then a rename)."""
-        path = Path(path)
+        """Writes the JSON atomically (charrnn.fileio.atomic_write_bytes)."""
         data = self.to_json()
         try:
             text = json.dumps(data, ensure_ascii=False, indent=1).encode("utf-8")
         except UnicodeEncodeError:  # lone surrogates: fall back to \u escapes
             text = json.dumps(data, indent=1).encode("ascii")
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
-            tmp.write_bytes(text)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        atomic_write_bytes(Path(path), text)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Vocab:
