@@ -3,10 +3,12 @@
  * Each kernel does, in one pass over the batch, the elementwise work of one time step that
  * cells.py otherwise does with a handful of numpy calls; the recurrent GEMM stays in numpy.
  * Every kernel computes exactly the numpy lines it replaces (same operations, same order,
- * no contraction into FMA), so the only difference from the numpy path is tanh:
+ * no contraction into FMA), so the only differences from the numpy path are in the
+ * transcendental functions:
  *   - float64 uses the C library's tanh (correctly rounded to within an ulp, like numpy's);
  *   - float32 uses tanh_f32 below, a branch-free version of Cephes' tanhf that the compiler
- *     vectorizes (max error 1.4e-7 relative, 1.33 ulp, over every float32).
+ *     vectorizes (max error 1.4e-7 relative, 1.33 ulp, over every float32), and computes the
+ *     sigmoid gates as 1 / (1 + exp(-x)) (gate_f32) where numpy has 0.5 tanh(x/2) + 0.5.
  * The backward kernels have no transcendental functions: their results are bit-identical.
  *
  * Arrays are taken through the buffer protocol (no numpy headers): C-contiguous, all float32
@@ -42,11 +44,14 @@
 
 /* ---- tanh ----------------------------------------------------------------------------- */
 
-/* exp(y) for 0 <= y <= 18 (Cephes expf), branch-free: n = round(y / ln 2) by adding and
- * subtracting 1.5 * 2^23, 2^n built from n's bits. */
-static inline float exp_small_f32(float y)
+/* exp(y) (Cephes expf), branch-free: y clamped to [-87, 88], where 2^n stays a normal
+ * float (NaN passes both tests and stays NaN); n = round(y / ln 2) by adding and subtracting
+ * 1.5 * 2^23, 2^n built from n's bits. */
+static inline float exp_f32(float y)
 {
     union { float f; int32_t i; } k, scale;
+    y = y > 88.0f ? 88.0f : y;
+    y = y < -87.0f ? -87.0f : y;
     k.f = y * 1.44269504088896341f + 12582912.0f;
     float n = k.f - 12582912.0f;
     float r = y - n * 0.693359375f;
@@ -68,36 +73,43 @@ static inline float tanh_f32(float x)
     float z = x * x;
     float small = ((((-5.70498872745e-3f * z + 2.06390887954e-2f) * z - 5.37397155531e-2f) * z
                     + 1.33314422036e-1f) * z - 3.33332819422e-1f) * z * x + x;
-    float big = 1.0f - 2.0f / (exp_small_f32(ax_clamped + ax_clamped) + 1.0f);
+    float big = 1.0f - 2.0f / (exp_f32(ax_clamped + ax_clamped) + 1.0f);
     big = x < 0.0f ? -big : big;
     return ax >= 0.625f ? big : small;
 }
 
 static inline double tanh_f64(double x) { return tanh(x); }
 
+/* A sigmoid gate from its pre-scaled input u = x / 2 (the 0.5 is folded into the weights):
+ * sigmoid(x) = 0.5 tanh(u) + 0.5 = 1 / (1 + exp(-2u)).  float64 keeps the tanh form of the
+ * numpy code; float32 takes the exp form: less work than tanh_f32 and no cancellation, so
+ * within 2 ulp for |x| < 87 (the tanh form loses all relative precision as the gate
+ * closes); beyond, exp is clamped and a closed gate reads 6e-39 instead of ~0. */
+static inline float gate_f32(float u) { return 1.0f / (1.0f + exp_f32(-2.0f * u)); }
+static inline double gate_f64(double u) { return tanh(u) * 0.5 + 0.5; }
+
 /* ---- kernels, one macro each, instantiated below for float and double -------------------
  * Comments give the numpy lines of cells.py that each kernel computes, for one step t. */
 
-/* LSTM forward, after rec = hs[t] @ W_scaled.T.  a: acts[t] (B, 4H), pre-activations with
+/* LSTM forward, after rec = hs[t] @ W_rec.T.  a: acts[t] (B, 4H), pre-activations with
  * the sigmoid gates' inner 0.5 already folded in; rec (B, 4H); c_prev: cs[t]; outputs c:
  * cs[t+1], tanh_c: tanh_c[t], h: hs[t+1], all (B, H).
  *   a = tanh(a + rec) * scale + shift   (scale, shift = 0.5, 0.5 on i, f, o; 1, 0 on g)
  *   c = f * c_prev + i * g;  tanh_c = tanh(c);  h = o * tanh_c                            */
-#define DEFINE_LSTM_FWD(real, TANH)                                                         \
+#define DEFINE_LSTM_FWD(real, TANH, GATE)                                                   \
     KERNEL lstm_fwd_##real(Py_ssize_t B, Py_ssize_t H, real *restrict a,                    \
                            const real *restrict rec, const real *restrict c_prev,           \
                            real *restrict c, real *restrict tanh_c, real *restrict h)       \
     {                                                                                       \
-        const real half = 0.5;                                                              \
         for (Py_ssize_t b = 0; b < B; b++) {                                                \
             real *ab = a + b * 4 * H;                                                       \
             const real *rb = rec + b * 4 * H;                                               \
             for (Py_ssize_t j = 0; j < 2 * H; j++) /* i, f */                               \
-                ab[j] = TANH(ab[j] + rb[j]) * half + half;                                  \
+                ab[j] = GATE(ab[j] + rb[j]);                                                \
             for (Py_ssize_t j = 2 * H; j < 3 * H; j++) /* g */                              \
                 ab[j] = TANH(ab[j] + rb[j]);                                                \
             for (Py_ssize_t j = 3 * H; j < 4 * H; j++) /* o */                              \
-                ab[j] = TANH(ab[j] + rb[j]) * half + half;                                  \
+                ab[j] = GATE(ab[j] + rb[j]);                                                \
             const real *i = ab, *f = ab + H, *g = ab + 2 * H, *o = ab + 3 * H;              \
             const real *cp = c_prev + b * H;                                                \
             real *cb = c + b * H, *tb = tanh_c + b * H, *hb = h + b * H;                    \
@@ -143,21 +155,20 @@ static inline double tanh_f64(double x) { return tanh(x); }
         }                                                                                   \
     }
 
-/* GRU forward, after rec = hs[t] @ W_scaled.T.  a: acts[t] (B, 3H), r and z pre-scaled by
+/* GRU forward, after rec = hs[t] @ W_rec.T.  a: acts[t] (B, 3H), r and z pre-scaled by
  * 0.5; rec (B, 3H); b_hn (H,); h_prev: hs[t]; outputs hn: hn[t], h: hs[t+1] (B, H).
  *   rz = tanh(rz + rec_rz) * 0.5 + 0.5;  hn = rec_n + b_hn;  n = tanh(n + r * hn);
  *   h = n + z * (h_prev - n)                                                              */
-#define DEFINE_GRU_FWD(real, TANH)                                                          \
+#define DEFINE_GRU_FWD(real, TANH, GATE)                                                    \
     KERNEL gru_fwd_##real(Py_ssize_t B, Py_ssize_t H, real *restrict a,                     \
                           const real *restrict rec, const real *restrict b_hn,              \
                           const real *restrict h_prev, real *restrict hn, real *restrict h) \
     {                                                                                       \
-        const real half = 0.5;                                                              \
         for (Py_ssize_t b = 0; b < B; b++) {                                                \
             real *ab = a + b * 3 * H;                                                       \
             const real *rb = rec + b * 3 * H;                                               \
             for (Py_ssize_t j = 0; j < 2 * H; j++) /* r, z */                               \
-                ab[j] = TANH(ab[j] + rb[j]) * half + half;                                  \
+                ab[j] = GATE(ab[j] + rb[j]);                                                \
             const real *r = ab, *z = ab + H, *rn = rb + 2 * H, *hp = h_prev + b * H;        \
             real *n = ab + 2 * H, *hnb = hn + b * H, *hb = h + b * H;                       \
             for (Py_ssize_t j = 0; j < H; j++) {                                            \
@@ -217,12 +228,12 @@ static inline double tanh_f64(double x) { return tanh(x); }
         }                                                                                   \
     }
 
-DEFINE_LSTM_FWD(float, tanh_f32)
-DEFINE_LSTM_FWD(double, tanh_f64)
+DEFINE_LSTM_FWD(float, tanh_f32, gate_f32)
+DEFINE_LSTM_FWD(double, tanh_f64, gate_f64)
 DEFINE_LSTM_BWD(float)
 DEFINE_LSTM_BWD(double)
-DEFINE_GRU_FWD(float, tanh_f32)
-DEFINE_GRU_FWD(double, tanh_f64)
+DEFINE_GRU_FWD(float, tanh_f32, gate_f32)
+DEFINE_GRU_FWD(double, tanh_f64, gate_f64)
 DEFINE_GRU_BWD(float)
 DEFINE_GRU_BWD(double)
 DEFINE_RNN_FWD(float, tanh_f32)

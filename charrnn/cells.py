@@ -2,31 +2,39 @@
 
 Conventions, shared by every cell (PyTorch's layout and gate order):
 
-    xproj   (T, B, G*H)  input projection x_t @ W_ih.T + b_ih for every step of the window
-    W_hh    (G*H, H)     recurrent weights, b_hh (G*H,)
+    xproj   (T, B, G*H)  the input part of every step's gate pre-activations, for the whole
+                         window: x_t @ W_in.T + b_in with (W_in, b_in) = cell.input_weights(
+                         W_ih, b_ih, b_hh), i.e. b_hh folded in wherever it simply adds and
+                         the sigmoid gates' inputs pre-scaled by 0.5 (see `Cell`)
+    W_rec   (G*H, H)     recurrent weights as the forward loop takes them,
+                         cell.recurrent_weights(W_hh): the sigmoid gates' rows scaled by 0.5
+    W_hh    (G*H, H)     the recurrent weights themselves (backward), b_hh (G*H,) (forward
+                         only reads GRU's b_hn from it)
     state   tuple of (B, H) arrays: (h,) for rnn and gru, (h, c) for lstm
 
-`forward(xproj, state, W_hh, b_hh, ws)` returns the hidden states of the window as
+`forward(xproj, state, W_rec, b_hh, ws)` returns the hidden states of the window as
 hs (T+1, B, H) with hs[0] = h0, the final state, and a cache for backward.  `xproj` is
-overwritten (it becomes the pre-activation / activation buffer).  `ws` is a dict of
-preallocated work buffers reused from window to window.
+overwritten (it becomes the activation buffer).  `ws` is a dict of preallocated work
+buffers reused from window to window.
 
 `backward(dhs, dstate, cache, W_hh, ws)` takes dL/dh_t for t = 1..T (T, B, H) from the
 layer above and dL/dstate_T arriving from the next window, and returns
-(dxproj (T, B, G*H), dW_hh, db_hh, dstate0).  dxproj is also dL/db_ih summed over (T, B).
+(dxproj (T, B, G*H), dW_hh, db_hh, dstate0).  dxproj is the gradient with respect to the
+unscaled input pre-activation x_t @ W_ih.T + b_ih, so it is also dL/db_ih summed over (T, B).
 
 Only the recurrent product h_{t-1} @ W_hh.T is done step by step; everything that can
-be done for a whole window at once (bias folding, weight gradients) is one GEMM or one
-ufunc over (T*B, ...).
+be done for a whole window at once (the input projection, weight gradients) is one GEMM or
+one ufunc over (T*B, ...), and what can be done to the weights instead of the activations
+(bias folding, gate scaling) is done to the weights.
 
 The elementwise work of one step can run in a compiled kernel from the optional extension
 charrnn/_fused.c, one pass over the batch instead of several numpy calls; each loop keeps its
 numpy lines beside the kernel call, and those lines are the reference.  A kernel does the same
 arithmetic (the GRU and RNN backward steps in the same order, bit-identical; the LSTM backward
 step computes the window factors on the fly instead of in a window-level pass, equal up to
-rounding); forward steps differ only by their tanh, libm's in float64 and a vectorized one
-within 1.5e-7 in float32.  The
-kernels are used when the extension is built and CHARRNN_ACCEL is not "0"; see `accelerated()`.
+rounding); forward steps differ only in their transcendental functions: libm's tanh in
+float64; in float32 a vectorized tanh (within 1.5e-7) and sigmoid gates as 1 / (1 + exp(-x)),
+within 1e-7 of numpy's 0.5 tanh(x/2) + 0.5.  The kernels are used when the extension is built and CHARRNN_ACCEL is not "0"; see `accelerated()`.
 """
 
 from __future__ import annotations
@@ -78,15 +86,14 @@ def _weight_grad(dpre: np.ndarray, inputs: np.ndarray) -> np.ndarray:
 # ---------------------------------------------------------------------------------------
 
 
-def rnn_forward(xproj, state: State, W_hh, b_hh, ws: Workspace):
+def rnn_forward(xproj, state: State, W_rec, b_hh, ws: Workspace):
     T, B, H = xproj.shape
-    xproj += b_hh
     hs = buffer(ws, "hs", (T + 1, B, H), xproj.dtype)  # (T+1, B, H)
     tmp = buffer(ws, "tmp", (B, H), xproj.dtype)
     hs[0] = state[0]
     fused = _kernels(xproj)
     for t in range(T):
-        np.matmul(hs[t], W_hh.T, out=tmp)  # (B, H)
+        np.matmul(hs[t], W_rec.T, out=tmp)  # (B, H)
         if fused:  # the numpy lines below in one pass, tanh aside
             fused.rnn_fwd_step(xproj[t], tmp, hs[t + 1])
         else:
@@ -124,7 +131,7 @@ def rnn_backward(dhs, dstate: State, cache: dict[str, Any], W_hh, ws: Workspace)
 
 # The four gates are activated with a single tanh over (B, 4H): sigmoid(x) is
 # 0.5 tanh(0.5 x) + 0.5, tanh(x) is 1.0 tanh(1.0 x) + 0.0; the 0.5 that scales the
-# pre-activation is folded into the weights once per window.
+# pre-activation is in the weights (`Cell.input_weights`, `Cell.recurrent_weights`).
 
 
 class _GateAffine(NamedTuple):
@@ -135,22 +142,16 @@ class _GateAffine(NamedTuple):
 def _lstm_affine(H: int, dtype: np.dtype, ws: Workspace) -> _GateAffine:
     scale = ws.get("scale")
     if scale is None or scale.shape != (4 * H,) or scale.dtype != dtype:
-        is_g = np.zeros(4 * H, bool)
-        is_g[2 * H : 3 * H] = True
-        ws["scale"] = np.where(is_g, 1.0, 0.5).astype(dtype)
-        ws["shift"] = np.where(is_g, 0.0, 0.5).astype(dtype)
+        ws["scale"] = gate_scale(CELLS["lstm"], H, dtype)
+        ws["shift"] = 1.0 - ws["scale"]
     return _GateAffine(ws["scale"], ws["shift"])
 
 
-def lstm_forward(xproj, state: State, W_hh, b_hh, ws: Workspace):
+def lstm_forward(xproj, state: State, W_rec, b_hh, ws: Workspace):
     T, B, G = xproj.shape
     H = G // 4
     dt = xproj.dtype
     aff = _lstm_affine(H, dt, ws)
-    xproj += b_hh
-    xproj *= aff.scale  # pre-scale every step's input part once, for the whole window
-    W_scaled = buffer(ws, "W_scaled", W_hh.shape, dt)
-    np.multiply(W_hh, aff.scale[:, None], out=W_scaled)  # (4H, H)
     acts = xproj  # (T, B, 4H) becomes the gate activations
     hs = buffer(ws, "hs", (T + 1, B, H), dt)  # (T+1, B, H)
     cs = buffer(ws, "cs", (T + 1, B, H), dt)  # (T+1, B, H)
@@ -161,7 +162,7 @@ def lstm_forward(xproj, state: State, W_hh, b_hh, ws: Workspace):
     fused = _kernels(xproj)
     for t in range(T):
         a = acts[t]  # (B, 4H)
-        np.matmul(hs[t], W_scaled.T, out=rec)
+        np.matmul(hs[t], W_rec.T, out=rec)  # (B, 4H)
         if fused:  # the numpy lines below in one pass over the batch, tanh aside
             fused.lstm_fwd_step(a, rec, cs[t], cs[t + 1], tanh_c[t], hs[t + 1])
             continue
@@ -240,18 +241,11 @@ def lstm_backward(dhs, dstate: State, cache: dict[str, Any], W_hh, ws: Workspace
 # ---------------------------------------------------------------------------------------
 
 
-def gru_forward(xproj, state: State, W_hh, b_hh, ws: Workspace):
+def gru_forward(xproj, state: State, W_rec, b_hh, ws: Workspace):
     T, B, G = xproj.shape
     H = G // 3
     dt = xproj.dtype
-    # r and z: biases fold into the input part, and sigmoid(x) = 0.5 tanh(0.5 x) + 0.5
-    # with the inner 0.5 applied once per window to the inputs and the weights.
-    rz_in = xproj[..., : 2 * H]
-    rz_in += b_hh[: 2 * H]
-    rz_in *= 0.5
-    W_scaled = buffer(ws, "W_scaled", W_hh.shape, dt)  # (3H, H)
-    np.multiply(W_hh[: 2 * H], 0.5, out=W_scaled[: 2 * H])
-    W_scaled[2 * H :] = W_hh[2 * H :]
+    # r and z: sigmoid(x) = 0.5 tanh(0.5 x) + 0.5, the inner 0.5 already in xproj
     acts = xproj  # (T, B, 3H) becomes (r, z, n)
     hs = buffer(ws, "hs", (T + 1, B, H), dt)  # (T+1, B, H)
     hn = buffer(ws, "hn", (T, B, H), dt)  # (T, B, H)  W_hn h + b_hn, needed by backward
@@ -262,7 +256,7 @@ def gru_forward(xproj, state: State, W_hh, b_hh, ws: Workspace):
     fused = _kernels(xproj, b_hn)
     for t in range(T):
         a = acts[t]
-        np.matmul(hs[t], W_scaled.T, out=rec)  # (B, 3H)
+        np.matmul(hs[t], W_rec.T, out=rec)  # (B, 3H)
         if fused:  # the numpy lines below in one pass over the batch, tanh aside
             fused.gru_fwd_step(a, rec, b_hn, hs[t], hn[t], hs[t + 1])
             continue
@@ -342,10 +336,39 @@ class Cell(NamedTuple):
     num_states: int  # 1 for (h,), 2 for (h, c)
     forward: Any
     backward: Any
+    sigmoid_blocks: tuple[int, ...]  # gate blocks activated as 0.5 tanh(0.5 x) + 0.5
+    folded_hh_blocks: int  # leading gate blocks whose b_hh adds straight to the input part
+
+    def input_weights(
+        self, W_ih: np.ndarray, b_ih: np.ndarray, b_hh: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(W_in (G*H, I), b_in (G*H,)) such that x @ W_in.T + b_in is the `xproj` the forward
+        loop takes: the biases that simply add (all of b_hh but GRU's b_hn, which r
+        multiplies) folded into one, and the sigmoid gates' rows scaled by 0.5. Doing this
+        to the weights, once per window, costs O(G*H*I) instead of passes over (T, B, G*H)."""
+        H = b_hh.shape[0] // self.gates
+        scale = gate_scale(self, H, W_ih.dtype)  # (G*H,)
+        b_in = b_ih.copy()
+        folded = self.folded_hh_blocks * H
+        b_in[:folded] += b_hh[:folded]
+        return W_ih * scale[:, None], b_in * scale
+
+    def recurrent_weights(self, W_hh: np.ndarray) -> np.ndarray:
+        """W_rec (G*H, H): W_hh with the sigmoid gates' rows scaled by 0.5, for forward."""
+        if not self.sigmoid_blocks:
+            return W_hh
+        return W_hh * gate_scale(self, W_hh.shape[1], W_hh.dtype)[:, None]
+
+
+def gate_scale(cell: Cell, H: int, dtype: np.dtype) -> np.ndarray:
+    """(G*H,): 0.5 on the sigmoid gates (sigmoid(x) = 0.5 tanh(0.5 x) + 0.5), 1 elsewhere."""
+    scale = np.ones((cell.gates, H), dtype)
+    scale[list(cell.sigmoid_blocks)] = 0.5
+    return scale.reshape(-1)
 
 
 CELLS: dict[str, Cell] = {
-    "rnn": Cell(1, 1, rnn_forward, rnn_backward),
-    "lstm": Cell(4, 2, lstm_forward, lstm_backward),
-    "gru": Cell(3, 1, gru_forward, gru_backward),
+    "rnn": Cell(1, 1, rnn_forward, rnn_backward, sigmoid_blocks=(), folded_hh_blocks=1),
+    "lstm": Cell(4, 2, lstm_forward, lstm_backward, sigmoid_blocks=(0, 1, 3), folded_hh_blocks=4),
+    "gru": Cell(3, 1, gru_forward, gru_backward, sigmoid_blocks=(0, 1), folded_hh_blocks=2),
 }

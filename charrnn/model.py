@@ -17,11 +17,14 @@ out explicitly: a list with one tuple per layer, (h,) or (h, c), each (B, H).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
-from .cells import CELLS, Cell, State, Workspace, buffer
+from .cells import CELLS, Cell, State, Workspace, buffer, gate_scale
 
 Params = dict[str, np.ndarray]
 
@@ -149,6 +152,7 @@ class CharRNN:
         self._ws: list[Workspace] = [{} for _ in range(shape.num_layers)]  # forward, per layer
         self._bwd_ws: Workspace = {}  # backward scratch: layers run one after another, share it
         self._top: Workspace = {}
+        self._prepared: dict[str, Any] | None = None  # see frozen()
 
     @classmethod
     def create(cls, shape: ModelShape, seed: int, dtype: str = "float32") -> CharRNN:
@@ -176,23 +180,74 @@ class CharRNN:
 
     # -- a whole window --------------------------------------------------------------------
 
-    def _layer0_projection(self, x: np.ndarray, ws: Workspace) -> tuple[np.ndarray, np.ndarray]:
-        """Returns (input of layer 0 (T, B, I) or None for one-hot, xproj (T, B, G*H))."""
+    @contextmanager
+    def frozen(self) -> Iterator[CharRNN]:
+        """A scope in which the parameters do not change (scoring): the weights in the form
+        the forward pass uses, and the input table, are prepared once instead of on every
+        call to `forward`."""
+        if self._prepared is not None:  # already inside
+            yield self
+            return
+        self._prepared = {}
+        try:
+            yield self
+        finally:
+            self._prepared = None
+
+    def _prepare(self, key: str, make: Callable[[], Any]) -> Any:
+        if self._prepared is None:
+            return make()
+        if key not in self._prepared:
+            self._prepared[key] = make()
+        return self._prepared[key]
+
+    def _layer_weights(self, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Layer k's (W_in (G*H, I), b_in (G*H,), W_rec (G*H, H)) as the forward loop takes
+        them: see `Cell.input_weights` and `Cell.recurrent_weights`."""
+
+        def make():
+            p, cell = self.params, self.cell
+            W_in, b_in = cell.input_weights(
+                p[f"rnn.weight_ih_l{k}"], p[f"rnn.bias_ih_l{k}"], p[f"rnn.bias_hh_l{k}"]
+            )
+            return W_in, b_in, cell.recurrent_weights(p[f"rnn.weight_hh_l{k}"])
+
+        return self._prepare(f"layer{k}", make)
+
+    def _layer0_input(self, x: np.ndarray) -> np.ndarray | None:
+        """The embedded characters (T, B, E), or None for one-hot input."""
+        if "embedding.weight" not in self.params:
+            return None
+        return np.take(self.params["embedding.weight"], x, axis=0)
+
+    def input_table(self) -> np.ndarray:
+        """(V, G*H): layer 0's xproj for every character (see `Cell.input_weights`)."""
+
+        def make():
+            W_in, b_in, _ = self._layer_weights(0)
+            emb = self.params.get("embedding.weight")
+            table = W_in.T + b_in if emb is None else emb @ W_in.T + b_in  # (V, G*H)
+            return np.ascontiguousarray(table)
+
+        return self._prepare("table", make)
+
+    def _layer0_projection(self, x: np.ndarray, ws: Workspace) -> np.ndarray:
+        """Layer 0's xproj (T, B, G*H). There are only V distinct inputs, so when V is no more
+        than T*B (or the input is one-hot) the projection is a row gather from
+        `input_table()`: no (T*B)-row GEMM and no bias pass."""
         T, B = x.shape
-        p = self.params
-        W_ih, b_ih = p["rnn.weight_ih_l0"], p["rnn.bias_ih_l0"]
-        xproj = buffer(ws, "xproj", (T, B, W_ih.shape[0]), self.dtype)  # (T, B, G*H)
-        if "embedding.weight" in p:
-            emb = p["embedding.weight"]
-            inp = buffer(ws, "inp", (T, B, emb.shape[1]), self.dtype)  # (T, B, E)
-            np.take(emb, x, axis=0, out=inp)
-            np.matmul(inp.reshape(T * B, -1), W_ih.T, out=xproj.reshape(T * B, -1))
-        else:
-            # one-hot input: the projection is a row gather of W_ih.T
-            inp = None
-            np.take(W_ih.T, x, axis=0, out=xproj)
-        xproj += b_ih
-        return inp, xproj
+        G = self.cell.gates * self.shape.hidden_size
+        xproj = buffer(ws, "xproj", (T, B, G), self.dtype)  # (T, B, G*H)
+        if "embedding.weight" not in self.params or self.shape.vocab_size <= T * B:
+            # ids are vocabulary indices; mode="clip" spares the copy that numpy makes to
+            # honour the default mode="raise" with out= (4x slower)
+            np.take(self.input_table(), x, axis=0, out=xproj, mode="clip")
+            return xproj
+        W_in, b_in, _ = self._layer_weights(0)
+        inp = self._layer0_input(x)  # (T, B, E)
+        np.matmul(inp.reshape(T * B, -1), W_in.T, out=xproj.reshape(T * B, -1))
+        xproj += b_in
+        return xproj
 
     def forward(self, x: np.ndarray, state: list[State], masks: list[np.ndarray] | None = None):
         """x (T, B) ids -> logits (T*B, V), final state, cache for `backward`.
@@ -201,18 +256,18 @@ class CharRNN:
         T, B = x.shape
         p, L = self.params, self.shape.num_layers
         inputs, caches, new_state = [], [], []
-        inp, xproj = self._layer0_projection(x, self._ws[0])
+        inp = None  # layer 0's input is gathered again by backward, when it needs it
         for k in range(L):
             ws = self._ws[k]
-            if k > 0:
-                W_ih = p[f"rnn.weight_ih_l{k}"]
-                xproj = buffer(ws, "xproj", (T, B, W_ih.shape[0]), self.dtype)
-                np.matmul(inp.reshape(T * B, -1), W_ih.T, out=xproj.reshape(T * B, -1))
-                xproj += p[f"rnn.bias_ih_l{k}"]
+            W_in, b_in, W_rec = self._layer_weights(k)
+            if k == 0:
+                xproj = self._layer0_projection(x, ws)
+            else:
+                xproj = buffer(ws, "xproj", (T, B, W_in.shape[0]), self.dtype)
+                np.matmul(inp.reshape(T * B, -1), W_in.T, out=xproj.reshape(T * B, -1))
+                xproj += b_in
             inputs.append(inp)
-            hs, last, cache = self.cell.forward(
-                xproj, state[k], p[f"rnn.weight_hh_l{k}"], p[f"rnn.bias_hh_l{k}"], ws
-            )
+            hs, last, cache = self.cell.forward(xproj, state[k], W_rec, p[f"rnn.bias_hh_l{k}"], ws)
             caches.append(cache)
             new_state.append(last)
             inp = hs[1:]  # (T, B, H)
@@ -253,7 +308,7 @@ class CharRNN:
             grads[f"rnn.weight_hh_l{k}"] = dW_hh
             grads[f"rnn.bias_hh_l{k}"] = db_hh
             grads[f"rnn.bias_ih_l{k}"] = dx2.sum(axis=0)
-            inp = cache["inputs"][k]
+            inp = cache["inputs"][k] if k > 0 else self._layer0_input(x)
             if inp is None:  # one-hot input: scatter the rows back to their characters
                 dW_ih_T = scatter_add_rows(x.ravel(), dx2, W_ih.shape[1])  # (V, G*H)
                 grads[f"rnn.weight_ih_l{k}"] = np.ascontiguousarray(dW_ih_T.T)
@@ -303,44 +358,18 @@ class Stepper:
         self.model = model
         self.cell = shape.cell
         H = shape.hidden_size
-        G = model.cell.gates * H
-        dt = model.dtype
-        folded_hh = [self._folded_b_hh(p[f"rnn.bias_hh_l{k}"], H) for k in range(shape.num_layers)]
-        W0 = p["rnn.weight_ih_l0"]
-        table = (p["embedding.weight"] @ W0.T) if "embedding.weight" in p else W0.T.copy()
-        table += p["rnn.bias_ih_l0"] + folded_hh[0]
-        scale = np.ones(G, dt)
-        if self.cell == "lstm":
-            scale[:] = 0.5
-            scale[2 * H : 3 * H] = 1.0
-        elif self.cell == "gru":
-            scale[: 2 * H] = 0.5
-        self.scale = scale
-        self.table = np.ascontiguousarray(table * scale, dtype=dt)  # (V, G)
-        self.W_ih_T = [None] + [
-            np.ascontiguousarray(p[f"rnn.weight_ih_l{k}"].T * scale)
-            for k in range(1, shape.num_layers)
-        ]  # (I, G)
-        self.b_in = [None] + [
-            (p[f"rnn.bias_ih_l{k}"] + folded_hh[k]) * scale for k in range(1, shape.num_layers)
-        ]
-        self.W_hh_T = [
-            np.ascontiguousarray(p[f"rnn.weight_hh_l{k}"].T * scale)
-            for k in range(shape.num_layers)
-        ]  # (H, G)
-        self.b_hn = [p[f"rnn.bias_hh_l{k}"][2 * H :] for k in range(shape.num_layers)]
+        L = shape.num_layers
+        self.table = model.input_table()  # (V, G)
+        layers = [model._layer_weights(k) for k in range(L)]
+        self.W_ih_T = [np.ascontiguousarray(W.T) for W, _, _ in layers]  # (I, G), [0] unused
+        self.b_in = [b for _, b, _ in layers]
+        self.W_hh_T = [np.ascontiguousarray(W.T) for _, _, W in layers]  # (H, G)
+        self.scale = gate_scale(model.cell, H, model.dtype)  # (G,)
+        self.shift = 1.0 - self.scale
+        self.b_hn = [p[f"rnn.bias_hh_l{k}"][2 * H :] for k in range(L)]
         self.head_T = np.ascontiguousarray(p["head.weight"].T)  # (H, V)
         self.head_b = p["head.bias"]
-        self.shift = np.where(scale == 0.5, 0.5, 0.0).astype(dt)
         self.H = H
-
-    def _folded_b_hh(self, b_hh: np.ndarray, H: int) -> np.ndarray:
-        """The part of b_hh that adds straight to the input projection (all but GRU's b_hn)."""
-        if self.cell == "gru":
-            out = b_hh.copy()
-            out[2 * H :] = 0
-            return out
-        return b_hh
 
     def step(self, ids: np.ndarray, state: list[State]) -> tuple[np.ndarray, list[State]]:
         """ids (B,) -> logits (B, V), next state (new arrays; `state` is not modified)."""

@@ -1,7 +1,8 @@
 """The optional compiled kernels (charrnn/_fused.c) against the numpy code path they replace.
 
-Forward steps differ from numpy only through tanh (libm's in float64, a vectorized Cephes
-tanhf in float32); backward steps have no transcendental functions."""
+Forward steps differ from numpy only through their transcendental functions (libm's tanh in
+float64; in float32 a vectorized Cephes tanhf and sigmoid gates as 1 / (1 + exp(-x))); backward
+steps have no transcendental functions."""
 
 from __future__ import annotations
 
@@ -99,6 +100,28 @@ def test_float32_tanh_edge_values():
     h = np.empty_like(x)
     _fused.rnn_fwd_step(x, np.zeros_like(x), h)
     np.testing.assert_allclose(h, np.tanh(x), rtol=5e-7, atol=0)
+
+
+@needs_ext
+def test_float32_sigmoid_gates():
+    """The LSTM's i gate from lstm_fwd_step against the exact sigmoid of x = 2u (u: the
+    pre-scaled input): within 2 ulp while exp is not clamped, 1e-7 absolute everywhere."""
+    B, H = 40, 500
+    u = (np.random.default_rng(1).standard_normal((B, H)) * 6).astype(np.float32)
+    u.flat[:9] = [0.0, -0.0, 1e-30, 43.0, -43.0, 60.0, -60.0, np.inf, -np.inf]
+    u.flat[9] = np.nan
+    a = np.zeros((B, 4 * H), np.float32)
+    a[:, :H] = u
+    state = [np.zeros((B, H), np.float32) for _ in range(4)]
+    _fused.lstm_fwd_step(a, np.zeros_like(a), *state)
+    gate = a[:, :H].astype(np.float64)
+    exact = 1.0 / (1.0 + np.exp(-2.0 * u.astype(np.float64)))
+    assert np.isnan(gate.flat[9])
+    finite = np.isfinite(u)
+    np.testing.assert_allclose(gate[finite], exact[finite], rtol=0, atol=1e-7)
+    unclamped = finite & (np.abs(2 * u) < 87)
+    ulp = np.spacing(exact[unclamped].astype(np.float32)).astype(np.float64)
+    assert np.max(np.abs(gate[unclamped] - exact[unclamped]) / ulp) <= 2.0
 
 
 def _lstm_step_args(bad: str = ""):

@@ -75,7 +75,8 @@ def test_dropping_the_state_changes_the_logits(cell) -> None:
 
 @pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
 def test_single_steps_equal_one_pass(cell) -> None:
-    """model.step (the sampler's path) carried one character at a time."""
+    """model.step (the sampler's path) carried one character at a time. Each step projects
+    layer 0's input with a GEMM (T*B = 3 < V); the whole pass gathers from the input table."""
     model = _model(cell)
     x = np.random.default_rng(5).integers(0, V, size=(12, B))
     full, full_final = _forward(model, x, model.zero_state(B))
