@@ -34,7 +34,8 @@ arithmetic (the GRU and RNN backward steps in the same order, bit-identical; the
 step computes the window factors on the fly instead of in a window-level pass, equal up to
 rounding); forward steps differ only in their transcendental functions: libm's tanh in
 float64; in float32 a vectorized tanh (within 1.5e-7) and sigmoid gates as 1 / (1 + exp(-x)),
-within 1e-7 of numpy's 0.5 tanh(x/2) + 0.5.  The kernels are used when the extension is built and CHARRNN_ACCEL is not "0"; see `accelerated()`.
+within 1e-7 of numpy's 0.5 tanh(x/2) + 0.5.  The kernels are used when the extension is
+built and CHARRNN_ACCEL is not "0"; see `accelerated()`.
 """
 
 from __future__ import annotations
