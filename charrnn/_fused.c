@@ -1,19 +1,21 @@
-/* Optional compiled kernels for the per-step loops of charrnn/cells.py.
+/* Optional compiled kernels for the recurrent loops of charrnn/cells.py.
  *
- * Each kernel does, in one pass over the batch, the elementwise work of one time step that
- * cells.py otherwise does with a handful of numpy calls; the recurrent GEMM stays in numpy.
- * Every kernel computes exactly the numpy lines it replaces (same operations, same order,
- * no contraction into FMA), so the only differences from the numpy path are in the
- * transcendental functions:
- *   - float64 uses the C library's tanh (correctly rounded to within an ulp, like numpy's);
- *   - float32 uses tanh_f32 below, a branch-free version of Cephes' tanhf that the compiler
- *     vectorizes (max error 1.4e-7 relative, 1.33 ulp, over every float32), and computes the
- *     sigmoid gates as 1 / (1 + exp(-x)) (gate_f32) where numpy has 0.5 tanh(x/2) + 0.5.
- * The backward kernels have no transcendental functions: their results are bit-identical.
+ * Each kernel runs a whole window of one layer, forward or backward, in C: per step, the
+ * recurrent product with pre-packed weights (gemm below) and the step's elementwise work in
+ * one pass over the batch.  cells.py holds the same loops in numpy, and those are the
+ * reference: every kernel computes the numpy lines it replaces (same operations, same
+ * order, no contraction into FMA outside the GEMM), so the results differ only by
+ *   - the GEMM's summation order (it accumulates with FMA where the CPU has it, like BLAS);
+ *   - the transcendental functions: float64 uses the C library's tanh (within an ulp, like
+ *     numpy's); float32 uses tanh_f32 below, a branch-free version of Cephes' tanhf that the
+ *     compiler vectorizes (max error 1.4e-7 relative, 1.33 ulp, over every float32), and
+ *     computes the sigmoid gates as 1 / (1 + exp(-x)) (gate_f32) where numpy has
+ *     0.5 tanh(x/2) + 0.5.
  *
  * Arrays are taken through the buffer protocol (no numpy headers): C-contiguous, all float32
- * or all float64, shapes (B, k*H) or (H,) as each kernel documents, not overlapping each
- * other.  Anything else raises ValueError.
+ * or all float64, not overlapping where one is written, with the shapes each kernel's
+ * ArgSpec lists.  Anything else raises ValueError.  The GIL is released while a kernel runs,
+ * so that threads scoring or training separate parts of a batch run on separate cores.
  *
  * Build flags (setup.py): -O3 -ffp-contract=off -fno-trapping-math.  The last one only lets
  * GCC if-convert (and so vectorize) tanh_f32; results do not depend on it.  -ffast-math
@@ -34,12 +36,23 @@
 #pragma STDC FP_CONTRACT OFF
 #endif
 
-/* On x86-64 Linux with GCC, every kernel is also compiled for AVX2 and the better version
- * is picked when the module loads (an ifunc): 8 float32 lanes instead of SSE2's 4. */
+/* On x86-64 Linux with GCC, every elementwise kernel is also compiled for AVX-512 and AVX2,
+ * and the best version the CPU runs is picked when the module loads (an ifunc): 16 or 8
+ * float32 lanes instead of SSE2's 4.  The same IEEE operations in every version. */
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define KERNEL __attribute__((target_clones("avx2", "default"))) static void
+#define KERNEL __attribute__((target_clones("avx512f", "avx2", "default"))) static void
 #else
 #define KERNEL static void
+#endif
+
+/* The GEMM has hand-written AVX-512 and AVX2 + FMA micro-kernels on x86-64 (GCC or clang),
+ * the best the CPU has chosen at load time; elsewhere, and on older x86 CPUs, a portable C
+ * loop. */
+#if defined(__GNUC__) && defined(__x86_64__)
+#define HAVE_AVX2_GEMM 1
+#include <immintrin.h>
+#define AVX2 __attribute__((target("avx2,fma")))
+#define AVX512 __attribute__((target("avx512f")))
 #endif
 
 /* ---- tanh ----------------------------------------------------------------------------- */
@@ -88,28 +101,305 @@ static inline double tanh_f64(double x) { return tanh(x); }
 static inline float gate_f32(float u) { return 1.0f / (1.0f + exp_f32(-2.0f * u)); }
 static inline double gate_f64(double u) { return tanh(u) * 0.5 + 0.5; }
 
-/* ---- kernels, one macro each, instantiated below for float and double -------------------
- * Comments give the numpy lines of cells.py that each kernel computes, for one step t. */
+/* ---- GEMM with pre-packed weights -------------------------------------------------------
+ *
+ * Every step of a recurrent loop multiplies a few rows (the batch) by the same weights:
+ * c (M, N) = a (M, K) @ W.T, or c += a @ W.T, with W (N, K) fixed for the whole window.  A
+ * general BLAS GEMM re-packs W on every call and is tuned for large M; here W is packed once
+ * per window (charrnn.cells.pack_panels) into panels of PANEL = 16 columns of the product,
+ *
+ *     packed[p, k, j] = W[p * PANEL + j, k]    (zero where p * PANEL + j >= N),
+ *
+ * so that the inner loop reads one row of 16 contiguous weights per k.  A tile of MR rows of
+ * `a` times one panel is summed in registers over all of K and then stored or added to c:
+ * with AVX-512, MR = 8 rows of one 16-float vector; with AVX2, 6 rows of 2 x 8 floats (or
+ * 3 rows of 4 x 4 doubles), 12 vector accumulators.  Panels are the outer loop: W streams
+ * through the cache once per call while `a` (M x K) stays.
+ *
+ *              K                        PANEL
+ *        +-----------+           +------------+
+ *   MR { |  a rows   |  @  K {   |  panel p   |  =  MR x PANEL tile of c, in registers
+ *        +-----------+           +------------+
+ */
 
-/* LSTM forward, after rec = hs[t] @ W_rec.T.  a: acts[t] (B, 4H), pre-activations with
- * the sigmoid gates' inner 0.5 already folded in; rec (B, 4H); c_prev: cs[t]; outputs c:
- * cs[t+1], tanh_c: tanh_c[t], h: hs[t+1], all (B, H).
- *   a = tanh(a + rec) * scale + shift   (scale, shift = 0.5, 0.5 on i, f, o; 1, 0 on g)
+#define PANEL 16
+
+static Py_ssize_t panels(Py_ssize_t n) { return (n + PANEL - 1) / PANEL; }
+
+/* Portable C: one row of `a` against one panel at a time. */
+#define DEFINE_GEMM_C(real)                                                                 \
+    static void gemm_c_##real(Py_ssize_t M, Py_ssize_t N, Py_ssize_t K,                     \
+                              const real *restrict a, const real *restrict packed,          \
+                              real *restrict c, int accumulate)                             \
+    {                                                                                       \
+        for (Py_ssize_t j0 = 0; j0 < N; j0 += PANEL) {                                      \
+            const real *p = packed + (j0 / PANEL) * K * PANEL;                              \
+            Py_ssize_t nr = N - j0 < PANEL ? N - j0 : PANEL;                                \
+            for (Py_ssize_t i = 0; i < M; i++) {                                            \
+                real sum[PANEL] = {0};                                                      \
+                const real *ai = a + i * K;                                                 \
+                for (Py_ssize_t k = 0; k < K; k++)                                          \
+                    for (int j = 0; j < PANEL; j++)                                         \
+                        sum[j] += ai[k] * p[k * PANEL + j];                                 \
+                real *ci = c + i * N + j0;                                                  \
+                for (Py_ssize_t j = 0; j < nr; j++)                                         \
+                    ci[j] = accumulate ? ci[j] + sum[j] : sum[j];                           \
+            }                                                                               \
+        }                                                                                   \
+    }
+DEFINE_GEMM_C(float)
+DEFINE_GEMM_C(double)
+
+#ifdef HAVE_AVX2_GEMM
+/* One tile row of c: store (or add) `lanes` vectors, or only the first nr values of them. */
+AVX2 static void store_f32(float *c, __m256 v0, __m256 v1, Py_ssize_t nr, int accumulate)
+{
+    if (nr == PANEL) {
+        if (accumulate) {
+            v0 = _mm256_add_ps(_mm256_loadu_ps(c), v0);
+            v1 = _mm256_add_ps(_mm256_loadu_ps(c + 8), v1);
+        }
+        _mm256_storeu_ps(c, v0);
+        _mm256_storeu_ps(c + 8, v1);
+        return;
+    }
+    float tmp[PANEL];
+    _mm256_storeu_ps(tmp, v0);
+    _mm256_storeu_ps(tmp + 8, v1);
+    for (Py_ssize_t j = 0; j < nr; j++)
+        c[j] = accumulate ? c[j] + tmp[j] : tmp[j];
+}
+
+AVX2 static void store_f64(double *c, __m256d v0, __m256d v1, __m256d v2, __m256d v3,
+                           Py_ssize_t nr, int accumulate)
+{
+    double tmp[PANEL];
+    _mm256_storeu_pd(tmp, v0);
+    _mm256_storeu_pd(tmp + 4, v1);
+    _mm256_storeu_pd(tmp + 8, v2);
+    _mm256_storeu_pd(tmp + 12, v3);
+    for (Py_ssize_t j = 0; j < nr; j++)
+        c[j] = accumulate ? c[j] + tmp[j] : tmp[j];
+}
+
+/* float32 micro-kernels for 1..6 rows: named accumulators (x_r, y_r) keep the tile in
+ * registers; rows past the tile's height are compiled out. */
+#define F32_ROW_FMA(r)                                                                      \
+    if (rows > r) {                                                                         \
+        __m256 ar = _mm256_broadcast_ss(a + r * K + k);                                    \
+        x##r = _mm256_fmadd_ps(ar, b0, x##r);                                               \
+        y##r = _mm256_fmadd_ps(ar, b1, y##r);                                               \
+    }
+#define F32_ROW_STORE(r) \
+    if (rows > r) store_f32(c + r * ldc, x##r, y##r, nr, accumulate);
+#define DEFINE_MICRO_F32(ROWS)                                                              \
+    AVX2 static void micro_f32_##ROWS(Py_ssize_t K, const float *restrict a,                \
+                                      const float *restrict p, float *restrict c,           \
+                                      Py_ssize_t ldc, Py_ssize_t nr, int accumulate)        \
+    {                                                                                       \
+        const int rows = ROWS;                                                              \
+        __m256 x0 = _mm256_setzero_ps(), y0 = x0, x1 = x0, y1 = x0, x2 = x0, y2 = x0;       \
+        __m256 x3 = x0, y3 = x0, x4 = x0, y4 = x0, x5 = x0, y5 = x0;                        \
+        for (Py_ssize_t k = 0; k < K; k++) {                                                \
+            __m256 b0 = _mm256_loadu_ps(p + k * PANEL);                                     \
+            __m256 b1 = _mm256_loadu_ps(p + k * PANEL + 8);                                 \
+            F32_ROW_FMA(0) F32_ROW_FMA(1) F32_ROW_FMA(2)                                    \
+            F32_ROW_FMA(3) F32_ROW_FMA(4) F32_ROW_FMA(5)                                    \
+        }                                                                                   \
+        F32_ROW_STORE(0) F32_ROW_STORE(1) F32_ROW_STORE(2)                                  \
+        F32_ROW_STORE(3) F32_ROW_STORE(4) F32_ROW_STORE(5)                                  \
+    }
+DEFINE_MICRO_F32(1)
+DEFINE_MICRO_F32(2)
+DEFINE_MICRO_F32(3)
+DEFINE_MICRO_F32(4)
+DEFINE_MICRO_F32(5)
+DEFINE_MICRO_F32(6)
+
+/* float64 micro-kernels for 1..3 rows, a row of the tile in four vectors (w, x, y, z). */
+#define F64_ROW_FMA(r)                                                                      \
+    if (rows > r) {                                                                         \
+        __m256d ar = _mm256_broadcast_sd(a + r * K + k);                                   \
+        w##r = _mm256_fmadd_pd(ar, b0, w##r);                                               \
+        x##r = _mm256_fmadd_pd(ar, b1, x##r);                                               \
+        y##r = _mm256_fmadd_pd(ar, b2, y##r);                                               \
+        z##r = _mm256_fmadd_pd(ar, b3, z##r);                                               \
+    }
+#define F64_ROW_STORE(r) \
+    if (rows > r) store_f64(c + r * ldc, w##r, x##r, y##r, z##r, nr, accumulate);
+#define DEFINE_MICRO_F64(ROWS)                                                              \
+    AVX2 static void micro_f64_##ROWS(Py_ssize_t K, const double *restrict a,               \
+                                      const double *restrict p, double *restrict c,         \
+                                      Py_ssize_t ldc, Py_ssize_t nr, int accumulate)        \
+    {                                                                                       \
+        const int rows = ROWS;                                                              \
+        __m256d w0 = _mm256_setzero_pd(), x0 = w0, y0 = w0, z0 = w0;                        \
+        __m256d w1 = w0, x1 = w0, y1 = w0, z1 = w0, w2 = w0, x2 = w0, y2 = w0, z2 = w0;     \
+        for (Py_ssize_t k = 0; k < K; k++) {                                                \
+            const double *pk = p + k * PANEL;                                               \
+            __m256d b0 = _mm256_loadu_pd(pk), b1 = _mm256_loadu_pd(pk + 4);                 \
+            __m256d b2 = _mm256_loadu_pd(pk + 8), b3 = _mm256_loadu_pd(pk + 12);            \
+            F64_ROW_FMA(0) F64_ROW_FMA(1) F64_ROW_FMA(2)                                    \
+        }                                                                                   \
+        F64_ROW_STORE(0) F64_ROW_STORE(1) F64_ROW_STORE(2)                                  \
+    }
+DEFINE_MICRO_F64(1)
+DEFINE_MICRO_F64(2)
+DEFINE_MICRO_F64(3)
+
+/* AVX-512 float32 micro-kernels for 1..8 rows, one vector (16 floats) per row. */
+#define Z_ROW_FMA(r) \
+    if (rows > r) z##r = _mm512_fmadd_ps(_mm512_set1_ps(a[r * K + k]), b, z##r);
+#define Z_ROW_STORE(r)                                                                      \
+    if (rows > r) {                                                                         \
+        float *cr = c + r * ldc;                                                            \
+        if (accumulate)                                                                     \
+            z##r = _mm512_add_ps(_mm512_maskz_loadu_ps(mask, cr), z##r);                    \
+        _mm512_mask_storeu_ps(cr, mask, z##r);                                              \
+    }
+#define DEFINE_MICRO_Z(ROWS)                                                                \
+    AVX512 static void micro_z_##ROWS(Py_ssize_t K, const float *restrict a,                \
+                                      const float *restrict p, float *restrict c,           \
+                                      Py_ssize_t ldc, Py_ssize_t nr, int accumulate)        \
+    {                                                                                       \
+        const int rows = ROWS;                                                              \
+        const __mmask16 mask = (__mmask16)((1u << nr) - 1u);                               \
+        __m512 z0 = _mm512_setzero_ps(), z1 = z0, z2 = z0, z3 = z0, z4 = z0, z5 = z0;       \
+        __m512 z6 = z0, z7 = z0;                                                            \
+        for (int r = 0; accumulate && r < rows; r++) /* c's tile, in cache by the end */    \
+            _mm_prefetch((const char *)(c + r * ldc), _MM_HINT_T0);                         \
+        for (Py_ssize_t k = 0; k < K; k++) {                                                \
+            __m512 b = _mm512_loadu_ps(p + k * PANEL);                                      \
+            Z_ROW_FMA(0) Z_ROW_FMA(1) Z_ROW_FMA(2) Z_ROW_FMA(3)                             \
+            Z_ROW_FMA(4) Z_ROW_FMA(5) Z_ROW_FMA(6) Z_ROW_FMA(7)                             \
+        }                                                                                   \
+        Z_ROW_STORE(0) Z_ROW_STORE(1) Z_ROW_STORE(2) Z_ROW_STORE(3)                         \
+        Z_ROW_STORE(4) Z_ROW_STORE(5) Z_ROW_STORE(6) Z_ROW_STORE(7)                         \
+    }
+DEFINE_MICRO_Z(1)
+DEFINE_MICRO_Z(2)
+DEFINE_MICRO_Z(3)
+DEFINE_MICRO_Z(4)
+DEFINE_MICRO_Z(5)
+DEFINE_MICRO_Z(6)
+DEFINE_MICRO_Z(7)
+DEFINE_MICRO_Z(8)
+
+typedef void (*micro_f32_fn)(Py_ssize_t, const float *, const float *, float *, Py_ssize_t,
+                             Py_ssize_t, int);
+typedef void (*micro_f64_fn)(Py_ssize_t, const double *, const double *, double *,
+                             Py_ssize_t, Py_ssize_t, int);
+static const micro_f32_fn MICRO_F32[7] = {NULL,       micro_f32_1, micro_f32_2, micro_f32_3,
+                                          micro_f32_4, micro_f32_5, micro_f32_6};
+static const micro_f64_fn MICRO_F64[4] = {NULL, micro_f64_1, micro_f64_2, micro_f64_3};
+static const micro_f32_fn MICRO_Z[9] = {NULL,      micro_z_1, micro_z_2, micro_z_3, micro_z_4,
+                                        micro_z_5, micro_z_6, micro_z_7, micro_z_8};
+
+/* The tile loops: MR rows at a time, the last tile of a panel possibly shorter.  A large M
+ * (a whole window's rows) goes in blocks of rows that stay in the core's L2 cache while every
+ * panel passes them; W then streams once per block.  A step's few rows are one block. */
+#define BLOCK_BYTES (256 * 1024)
+#define DEFINE_GEMM_TILES(name, real, MR, MICRO)                                            \
+    static void gemm_##name(Py_ssize_t M, Py_ssize_t N, Py_ssize_t K, const real *a,        \
+                            const real *packed, real *c, int accumulate)                    \
+    {                                                                                       \
+        Py_ssize_t block = BLOCK_BYTES / ((K > 0 ? K : 1) * (Py_ssize_t)sizeof(real));      \
+        block = block < MR ? MR : block - block % MR;                                       \
+        for (Py_ssize_t i0 = 0; i0 < M; i0 += block) {                                      \
+            Py_ssize_t i1 = M - i0 < block ? M : i0 + block;                                \
+            for (Py_ssize_t j0 = 0; j0 < N; j0 += PANEL) {                                  \
+                const real *p = packed + (j0 / PANEL) * K * PANEL;                          \
+                Py_ssize_t nr = N - j0 < PANEL ? N - j0 : PANEL;                            \
+                for (Py_ssize_t i = i0; i < i1; i += MR) {                                  \
+                    Py_ssize_t mr = i1 - i < MR ? i1 - i : MR;                              \
+                    MICRO[mr](K, a + i * K, p, c + i * N + j0, N, nr, accumulate);          \
+                }                                                                           \
+            }                                                                               \
+        }                                                                                   \
+    }
+DEFINE_GEMM_TILES(avx512_float, float, 8, MICRO_Z)
+DEFINE_GEMM_TILES(avx2_float, float, 6, MICRO_F32)
+DEFINE_GEMM_TILES(avx2_double, double, 3, MICRO_F64)
+#endif /* HAVE_AVX2_GEMM */
+
+/* Which micro-kernels gemm_float and gemm_double use; the best the CPU has, set when the
+ * module loads (set_gemm changes it, for tests).  float64 has no AVX-512 kernel: it takes
+ * the AVX2 one (every AVX-512 CPU has AVX2 and FMA). */
+enum { GEMM_C, GEMM_AVX2, GEMM_AVX512 };
+static const char *const GEMM_NAMES[] = {"c", "avx2+fma", "avx512"};
+static int gemm_kind = GEMM_C;
+
+/* c (M, N) = a (M, K) @ W.T, or c += a @ W.T with `accumulate`; packed = pack_panels(W). */
+static void gemm_float(Py_ssize_t M, Py_ssize_t N, Py_ssize_t K, const float *a,
+                       const float *packed, float *c, int accumulate)
+{
+#ifdef HAVE_AVX2_GEMM
+    if (gemm_kind == GEMM_AVX512) {
+        gemm_avx512_float(M, N, K, a, packed, c, accumulate);
+        return;
+    }
+    if (gemm_kind == GEMM_AVX2) {
+        gemm_avx2_float(M, N, K, a, packed, c, accumulate);
+        return;
+    }
+#endif
+    gemm_c_float(M, N, K, a, packed, c, accumulate);
+}
+
+static void gemm_double(Py_ssize_t M, Py_ssize_t N, Py_ssize_t K, const double *a,
+                        const double *packed, double *c, int accumulate)
+{
+#ifdef HAVE_AVX2_GEMM
+    if (gemm_kind != GEMM_C) {
+        gemm_avx2_double(M, N, K, a, packed, c, accumulate);
+        return;
+    }
+#endif
+    gemm_c_double(M, N, K, a, packed, c, accumulate);
+}
+
+/* The best GEMM this CPU runs, or -1 for `name` where it cannot (name NULL: the best). */
+static int gemm_available(const char *name)
+{
+    int best = GEMM_C;
+#ifdef HAVE_AVX2_GEMM
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+        best = GEMM_AVX2;
+        if (__builtin_cpu_supports("avx512f"))
+            best = GEMM_AVX512;
+    }
+#endif
+    if (name == NULL)
+        return best;
+    for (int kind = GEMM_C; kind <= best; kind++)
+        if (strcmp(name, GEMM_NAMES[kind]) == 0)
+            return kind;
+    return -1;
+}
+
+/* ---- one step's elementwise work, one macro each, instantiated for float and double -----
+ * Comments give the numpy lines of cells.py that each computes for one step t; the window
+ * loops below call them after (forward) or before (backward) the step's GEMM. */
+
+/* LSTM forward.  a: acts[t] (B, 4H), the gate pre-activations x_t W_in + h_{t-1} W_rec with
+ * the sigmoid gates' inner 0.5 folded in; c_prev: cs[t]; outputs c: cs[t+1],
+ * tanh_c: tanh_c[t], h: hs[t+1], all (B, H).
+ *   a = tanh(a) * scale + shift   (scale, shift = 0.5, 0.5 on i, f, o; 1, 0 on g)
  *   c = f * c_prev + i * g;  tanh_c = tanh(c);  h = o * tanh_c                            */
-#define DEFINE_LSTM_FWD(real, TANH, GATE)                                                   \
-    KERNEL lstm_fwd_##real(Py_ssize_t B, Py_ssize_t H, real *restrict a,                    \
-                           const real *restrict rec, const real *restrict c_prev,           \
-                           real *restrict c, real *restrict tanh_c, real *restrict h)       \
+#define DEFINE_LSTM_FWD_STEP(real, TANH, GATE)                                              \
+    KERNEL lstm_fwd_step_##real(Py_ssize_t B, Py_ssize_t H, real *restrict a,               \
+                                const real *restrict c_prev, real *restrict c,              \
+                                real *restrict tanh_c, real *restrict h)                    \
     {                                                                                       \
         for (Py_ssize_t b = 0; b < B; b++) {                                                \
             real *ab = a + b * 4 * H;                                                       \
-            const real *rb = rec + b * 4 * H;                                               \
             for (Py_ssize_t j = 0; j < 2 * H; j++) /* i, f */                               \
-                ab[j] = GATE(ab[j] + rb[j]);                                                \
+                ab[j] = GATE(ab[j]);                                                        \
             for (Py_ssize_t j = 2 * H; j < 3 * H; j++) /* g */                              \
-                ab[j] = TANH(ab[j] + rb[j]);                                                \
+                ab[j] = TANH(ab[j]);                                                        \
             for (Py_ssize_t j = 3 * H; j < 4 * H; j++) /* o */                              \
-                ab[j] = GATE(ab[j] + rb[j]);                                                \
+                ab[j] = GATE(ab[j]);                                                        \
             const real *i = ab, *f = ab + H, *g = ab + 2 * H, *o = ab + 3 * H;              \
             const real *cp = c_prev + b * H;                                                \
             real *cb = c + b * H, *tb = tanh_c + b * H, *hb = h + b * H;                    \
@@ -129,11 +419,11 @@ static inline double gate_f64(double u) { return tanh(u) * 0.5 + 0.5; }
  *   dh += dh_in;  dc += dh * o * (1 - tanh_c^2);
  *   d = [dc * g * i(1-i), dc * c_prev * f(1-f), dc * i * (1-g^2), dh * tanh_c * o(1-o)];
  *   dc *= f                                                                               */
-#define DEFINE_LSTM_BWD(real)                                                               \
-    KERNEL lstm_bwd_##real(Py_ssize_t B, Py_ssize_t H, real *restrict dh,                   \
-                           real *restrict dc, const real *restrict dh_in,                   \
-                           const real *restrict a, const real *restrict c_prev,             \
-                           const real *restrict tanh_c, real *restrict d)                   \
+#define DEFINE_LSTM_BWD_STEP(real)                                                          \
+    KERNEL lstm_bwd_step_##real(Py_ssize_t B, Py_ssize_t H, real *restrict dh,              \
+                                real *restrict dc, const real *restrict dh_in,              \
+                                const real *restrict a, const real *restrict c_prev,        \
+                                const real *restrict tanh_c, real *restrict d)              \
     {                                                                                       \
         const real one = 1;                                                                 \
         for (Py_ssize_t b = 0; b < B; b++) {                                                \
@@ -159,10 +449,11 @@ static inline double gate_f64(double u) { return tanh(u) * 0.5 + 0.5; }
  * 0.5; rec (B, 3H); b_hn (H,); h_prev: hs[t]; outputs hn: hn[t], h: hs[t+1] (B, H).
  *   rz = tanh(rz + rec_rz) * 0.5 + 0.5;  hn = rec_n + b_hn;  n = tanh(n + r * hn);
  *   h = n + z * (h_prev - n)                                                              */
-#define DEFINE_GRU_FWD(real, TANH, GATE)                                                    \
-    KERNEL gru_fwd_##real(Py_ssize_t B, Py_ssize_t H, real *restrict a,                     \
-                          const real *restrict rec, const real *restrict b_hn,              \
-                          const real *restrict h_prev, real *restrict hn, real *restrict h) \
+#define DEFINE_GRU_FWD_STEP(real, TANH, GATE)                                               \
+    KERNEL gru_fwd_step_##real(Py_ssize_t B, Py_ssize_t H, real *restrict a,                \
+                               const real *restrict rec, const real *restrict b_hn,         \
+                               const real *restrict h_prev, real *restrict hn,              \
+                               real *restrict h)                                            \
     {                                                                                       \
         for (Py_ssize_t b = 0; b < B; b++) {                                                \
             real *ab = a + b * 3 * H;                                                       \
@@ -181,15 +472,15 @@ static inline double gate_f64(double u) { return tanh(u) * 0.5 + 0.5; }
         }                                                                                   \
     }
 
-/* GRU backward, before drec[t] @ W_hh.  dh (B, H) in/out; dh_in: dhs[t]; acts: acts[t]
- * (B, 3H) holding r, z and f_n; f_z: f_z[t], f_r: f_r[t] (B, H); outputs dn: dn_pre[t]
- * (B, H), q: drec[t] (B, 3H).  The caller then adds drec[t] @ W_hh to dh.
+/* GRU backward, before dh += drec[t] @ W_hh.  dh (B, H) in/out; dh_in: dhs[t]; acts:
+ * acts[t] (B, 3H) holding r, z and f_n; f_z: f_z[t], f_r: f_r[t] (B, H); outputs dn:
+ * dn_pre[t] (B, H), q: drec[t] (B, 3H).
  *   dh += dh_in;  dn = dh * f_n;  q = [dn * f_r, dh * f_z, dn * r];  dh *= z              */
-#define DEFINE_GRU_BWD(real)                                                                \
-    KERNEL gru_bwd_##real(Py_ssize_t B, Py_ssize_t H, real *restrict dh,                    \
-                          const real *restrict dh_in, const real *restrict acts,            \
-                          const real *restrict f_z, const real *restrict f_r,               \
-                          real *restrict dn, real *restrict q)                              \
+#define DEFINE_GRU_BWD_STEP(real)                                                           \
+    KERNEL gru_bwd_step_##real(Py_ssize_t B, Py_ssize_t H, real *restrict dh,               \
+                               const real *restrict dh_in, const real *restrict acts,       \
+                               const real *restrict f_z, const real *restrict f_r,          \
+                               real *restrict dn, real *restrict q)                         \
     {                                                                                       \
         for (Py_ssize_t b = 0; b < B; b++) {                                                \
             const real *r = acts + b * 3 * H, *z = r + H, *f_n = r + 2 * H;                 \
@@ -207,55 +498,159 @@ static inline double gate_f64(double u) { return tanh(u) * 0.5 + 0.5; }
         }                                                                                   \
     }
 
-/* Vanilla RNN forward, after rec = hs[t] @ W_hh.T: h = tanh(x + rec), all (B, H). */
-#define DEFINE_RNN_FWD(real, TANH)                                                          \
-    KERNEL rnn_fwd_##real(Py_ssize_t B, Py_ssize_t H, const real *restrict x,               \
-                          const real *restrict rec, real *restrict h)                       \
+/* Vanilla RNN forward: h = tanh(a), a: xproj[t] + hs[t] @ W_hh.T, all (B, H). */
+#define DEFINE_RNN_FWD_STEP(real, TANH)                                                     \
+    KERNEL rnn_fwd_step_##real(Py_ssize_t n, const real *restrict a, real *restrict h)      \
     {                                                                                       \
-        for (Py_ssize_t k = 0; k < B * H; k++)                                              \
-            h[k] = TANH(x[k] + rec[k]);                                                     \
+        for (Py_ssize_t k = 0; k < n; k++)                                                  \
+            h[k] = TANH(a[k]);                                                              \
     }
 
 /* Vanilla RNN backward, before dh = dpre[t] @ W_hh: dh += dh_in; dpre *= dh, all (B, H). */
-#define DEFINE_RNN_BWD(real)                                                                \
-    KERNEL rnn_bwd_##real(Py_ssize_t B, Py_ssize_t H, real *restrict dh,                    \
-                          const real *restrict dh_in, real *restrict dpre)                  \
+#define DEFINE_RNN_BWD_STEP(real)                                                           \
+    KERNEL rnn_bwd_step_##real(Py_ssize_t n, real *restrict dh, const real *restrict dh_in, \
+                               real *restrict dpre)                                         \
     {                                                                                       \
-        for (Py_ssize_t k = 0; k < B * H; k++) {                                            \
+        for (Py_ssize_t k = 0; k < n; k++) {                                                \
             real dhk = dh[k] + dh_in[k];                                                    \
             dh[k] = dhk;                                                                    \
             dpre[k] = dpre[k] * dhk;                                                        \
         }                                                                                   \
     }
 
-DEFINE_LSTM_FWD(float, tanh_f32, gate_f32)
-DEFINE_LSTM_FWD(double, tanh_f64, gate_f64)
-DEFINE_LSTM_BWD(float)
-DEFINE_LSTM_BWD(double)
-DEFINE_GRU_FWD(float, tanh_f32, gate_f32)
-DEFINE_GRU_FWD(double, tanh_f64, gate_f64)
-DEFINE_GRU_BWD(float)
-DEFINE_GRU_BWD(double)
-DEFINE_RNN_FWD(float, tanh_f32)
-DEFINE_RNN_FWD(double, tanh_f64)
-DEFINE_RNN_BWD(float)
-DEFINE_RNN_BWD(double)
+DEFINE_LSTM_FWD_STEP(float, tanh_f32, gate_f32)
+DEFINE_LSTM_FWD_STEP(double, tanh_f64, gate_f64)
+DEFINE_LSTM_BWD_STEP(float)
+DEFINE_LSTM_BWD_STEP(double)
+DEFINE_GRU_FWD_STEP(float, tanh_f32, gate_f32)
+DEFINE_GRU_FWD_STEP(double, tanh_f64, gate_f64)
+DEFINE_GRU_BWD_STEP(float)
+DEFINE_GRU_BWD_STEP(double)
+DEFINE_RNN_FWD_STEP(float, tanh_f32)
+DEFINE_RNN_FWD_STEP(double, tanh_f64)
+DEFINE_RNN_BWD_STEP(float)
+DEFINE_RNN_BWD_STEP(double)
 
-/* ---- arguments -------------------------------------------------------------------------- */
+/* ---- whole windows: the loops of cells.py ------------------------------------------------
+ * Shapes: T steps, B batch, H hidden, G = gates * H; hs, cs (T+1, B, H) with the initial
+ * state in [0]; packed = pack_panels(W_rec) (forward: W_rec (G, H), K = H) or
+ * pack_panels(W_hh.T) (backward: W_hh.T (H, G), K = G). */
+
+/* lstm_forward: for t: acts[t] += hs[t] @ W_rec.T; then the step. */
+#define DEFINE_LSTM_FORWARD(real)                                                           \
+    static void lstm_forward_##real(Py_ssize_t T, Py_ssize_t B, Py_ssize_t H, real *acts,   \
+                                    const real *packed, real *hs, real *cs, real *tanh_c)   \
+    {                                                                                       \
+        Py_ssize_t BH = B * H, BG = 4 * BH;                                                 \
+        for (Py_ssize_t t = 0; t < T; t++) {                                                \
+            gemm_##real(B, 4 * H, H, hs + t * BH, packed, acts + t * BG, 1);                \
+            lstm_fwd_step_##real(B, H, acts + t * BG, cs + t * BH, cs + (t + 1) * BH,       \
+                                 tanh_c + t * BH, hs + (t + 1) * BH);                       \
+        }                                                                                   \
+    }
+
+/* lstm_backward: for t from T-1 down: the step, then dh = dpre[t] @ W_hh. */
+#define DEFINE_LSTM_BACKWARD(real)                                                          \
+    static void lstm_backward_##real(Py_ssize_t T, Py_ssize_t B, Py_ssize_t H,              \
+                                     const real *dhs, const real *acts, const real *cs,     \
+                                     const real *tanh_c, const real *packed, real *dh,      \
+                                     real *dc, real *dpre)                                  \
+    {                                                                                       \
+        Py_ssize_t BH = B * H, BG = 4 * BH;                                                 \
+        for (Py_ssize_t t = T - 1; t >= 0; t--) {                                           \
+            lstm_bwd_step_##real(B, H, dh, dc, dhs + t * BH, acts + t * BG, cs + t * BH,    \
+                                 tanh_c + t * BH, dpre + t * BG);                           \
+            gemm_##real(B, H, 4 * H, dpre + t * BG, packed, dh, 0);                         \
+        }                                                                                   \
+    }
+
+/* gru_forward: for t: rec = hs[t] @ W_rec.T; then the step. */
+#define DEFINE_GRU_FORWARD(real)                                                            \
+    static void gru_forward_##real(Py_ssize_t T, Py_ssize_t B, Py_ssize_t H, real *acts,    \
+                                   const real *packed, const real *b_hn, real *hs,          \
+                                   real *hn, real *rec)                                     \
+    {                                                                                       \
+        Py_ssize_t BH = B * H, BG = 3 * BH;                                                 \
+        for (Py_ssize_t t = 0; t < T; t++) {                                                \
+            gemm_##real(B, 3 * H, H, hs + t * BH, packed, rec, 0);                          \
+            gru_fwd_step_##real(B, H, acts + t * BG, rec, b_hn, hs + t * BH, hn + t * BH,   \
+                                hs + (t + 1) * BH);                                         \
+        }                                                                                   \
+    }
+
+/* gru_backward: for t from T-1 down: the step, then dh += drec[t] @ W_hh. */
+#define DEFINE_GRU_BACKWARD(real)                                                           \
+    static void gru_backward_##real(Py_ssize_t T, Py_ssize_t B, Py_ssize_t H,               \
+                                    const real *dhs, const real *acts, const real *f_z,     \
+                                    const real *f_r, const real *packed, real *dh,          \
+                                    real *dn, real *drec)                                   \
+    {                                                                                       \
+        Py_ssize_t BH = B * H, BG = 3 * BH;                                                 \
+        for (Py_ssize_t t = T - 1; t >= 0; t--) {                                           \
+            gru_bwd_step_##real(B, H, dh, dhs + t * BH, acts + t * BG, f_z + t * BH,        \
+                                f_r + t * BH, dn + t * BH, drec + t * BG);                  \
+            gemm_##real(B, H, 3 * H, drec + t * BG, packed, dh, 1);                         \
+        }                                                                                   \
+    }
+
+/* rnn_forward: for t: xproj[t] += hs[t] @ W_hh.T; hs[t+1] = tanh(xproj[t]). */
+#define DEFINE_RNN_FORWARD(real)                                                            \
+    static void rnn_forward_##real(Py_ssize_t T, Py_ssize_t B, Py_ssize_t H, real *xproj,   \
+                                   const real *packed, real *hs)                            \
+    {                                                                                       \
+        Py_ssize_t BH = B * H;                                                              \
+        for (Py_ssize_t t = 0; t < T; t++) {                                                \
+            gemm_##real(B, H, H, hs + t * BH, packed, xproj + t * BH, 1);                   \
+            rnn_fwd_step_##real(BH, xproj + t * BH, hs + (t + 1) * BH);                     \
+        }                                                                                   \
+    }
+
+/* rnn_backward: dpre holds tanh' = 1 - h^2; for t from T-1 down: the step, then
+ * dh = dpre[t] @ W_hh. */
+#define DEFINE_RNN_BACKWARD(real)                                                           \
+    static void rnn_backward_##real(Py_ssize_t T, Py_ssize_t B, Py_ssize_t H,               \
+                                    const real *dhs, const real *packed, real *dh,          \
+                                    real *dpre)                                             \
+    {                                                                                       \
+        Py_ssize_t BH = B * H;                                                              \
+        for (Py_ssize_t t = T - 1; t >= 0; t--) {                                           \
+            rnn_bwd_step_##real(BH, dh, dhs + t * BH, dpre + t * BH);                       \
+            gemm_##real(B, H, H, dpre + t * BH, packed, dh, 0);                             \
+        }                                                                                   \
+    }
+
+DEFINE_LSTM_FORWARD(float)
+DEFINE_LSTM_FORWARD(double)
+DEFINE_LSTM_BACKWARD(float)
+DEFINE_LSTM_BACKWARD(double)
+DEFINE_GRU_FORWARD(float)
+DEFINE_GRU_FORWARD(double)
+DEFINE_GRU_BACKWARD(float)
+DEFINE_GRU_BACKWARD(double)
+DEFINE_RNN_FORWARD(float)
+DEFINE_RNN_FORWARD(double)
+DEFINE_RNN_BACKWARD(float)
+DEFINE_RNN_BACKWARD(double)
+
+/* ---- arguments ---------------------------------------------------------------------------
+ *
+ * Each kernel lists its arrays with their dimensions as letters: T steps, S = T + 1 steps,
+ * B batch, H hidden, G = gates * H, g = panels(G), h = panels(H), P = PANEL.  The first
+ * array to use a letter fixes its size; every later use must agree. */
 
 #define MAX_ARGS 8
 
 typedef struct {
     const char *name;
     int writable;
-    int width; /* the array is (B, width * H); 0: a vector (H,) */
+    const char *dims;
 } ArgSpec;
 
 typedef struct {
     Py_buffer view[MAX_ARGS];
     int held;
     int is_double;
-    Py_ssize_t B, H;
+    Py_ssize_t T, B, H;
 } Arrays;
 
 static void release_arrays(Arrays *x)
@@ -276,11 +671,46 @@ static char float_code(const char *format)
     return 0;
 }
 
-/* Gets the buffers of `args` as `spec` describes, B and H from the first (B, width * H)
- * argument.  Returns 0, or -1 with ValueError (or TypeError for a wrong count) set. */
-static int get_arrays(PyObject *args, const char *fname, const ArgSpec *spec, int n, Arrays *x)
+/* Whether size n fits dimension letter d, fixing T, B or H on first use. */
+static int dim_fits(char d, Py_ssize_t n, int gates, Arrays *x)
+{
+    Py_ssize_t *known, value;
+    switch (d) {
+    case 'T': known = &x->T; value = n; break;
+    case 'S': known = &x->T; value = n - 1; break;
+    case 'B': known = &x->B; value = n; break;
+    case 'H': known = &x->H; value = n; break;
+    case 'G':
+        if (n % gates != 0)
+            return 0;
+        known = &x->H;
+        value = n / gates;
+        break;
+    case 'g': return x->H >= 0 && n == panels(gates * x->H);
+    case 'h': return x->H >= 0 && n == panels(x->H);
+    case 'P': return n == PANEL;
+    default: return 0;
+    }
+    if (value < 0)
+        return 0;
+    if (*known < 0)
+        *known = value;
+    return *known == value;
+}
+
+static int overlap(const Py_buffer *a, const Py_buffer *b)
+{
+    const char *a0 = a->buf, *b0 = b->buf;
+    return a->len > 0 && b->len > 0 && a0 < b0 + b->len && b0 < a0 + a->len;
+}
+
+/* Gets the buffers of `args` as `spec` describes.  Returns 0, or -1 with ValueError (or
+ * TypeError for a wrong count) set. */
+static int get_arrays(PyObject *args, const char *fname, const ArgSpec *spec, int n,
+                      int gates, Arrays *x)
 {
     x->held = 0;
+    x->T = x->B = x->H = -1;
     if (!PyTuple_Check(args) || PyTuple_GET_SIZE(args) != n) {
         PyErr_Format(PyExc_TypeError, "%s() takes %d arrays", fname, n);
         return -1;
@@ -304,22 +734,21 @@ static int get_arrays(PyObject *args, const char *fname, const ArgSpec *spec, in
             goto fail;
         }
         code = c;
-        if (k == 0) { /* spec[0] is always a (B, width * H) array */
-            if (v->ndim != 2 || v->shape[1] % s->width != 0) {
-                PyErr_Format(PyExc_ValueError, "%s(): %s must be (B, %d*H)", fname, s->name,
-                             s->width);
+        int ok = v->ndim == (int)strlen(s->dims);
+        for (int d = 0; ok && d < v->ndim; d++)
+            ok = dim_fits(s->dims[d], v->shape[d], gates, x);
+        if (!ok) {
+            PyErr_Format(PyExc_ValueError, "%s(): %s has the wrong shape (its dimensions "
+                         "are %s; T=%zd, B=%zd, H=%zd so far)", fname, s->name, s->dims,
+                         x->T, x->B, x->H);
+            goto fail;
+        }
+        for (int j = 0; j < k; j++) {
+            if ((s->writable || spec[j].writable) && overlap(v, &x->view[j])) {
+                PyErr_Format(PyExc_ValueError, "%s(): %s overlaps %s", fname, s->name,
+                             spec[j].name);
                 goto fail;
             }
-            x->B = v->shape[0];
-            x->H = v->shape[1] / s->width;
-        }
-        int ok = s->width == 0
-                     ? v->ndim == 1 && v->shape[0] == x->H
-                     : v->ndim == 2 && v->shape[0] == x->B && v->shape[1] == s->width * x->H;
-        if (!ok) {
-            PyErr_Format(PyExc_ValueError, "%s(): %s has the wrong shape for B=%zd, H=%zd",
-                         fname, s->name, x->B, x->H);
-            goto fail;
         }
     }
     x->is_double = code == 'd';
@@ -331,17 +760,17 @@ fail:
 
 /* ---- module ------------------------------------------------------------------------------ */
 
-/* The kernel's k-th array as a pointer to T. */
-#define ARG(T, k) ((T *)x.view[k].buf)
+/* The kernel's k-th array as a pointer to R. */
+#define ARG(R, k) ((R *)x.view[k].buf)
 
-#define WRAPPER(NAME, CALL_ARGS, ...)                                                  \
+#define WRAPPER(NAME, GATES, CALL_ARGS, ...)                                                \
     static const ArgSpec NAME##_spec[] = {__VA_ARGS__};                                     \
     static PyObject *py_##NAME(PyObject *self, PyObject *args)                              \
     {                                                                                       \
         (void)self;                                                                         \
         Arrays x;                                                                           \
         int n = (int)(sizeof(NAME##_spec) / sizeof(ArgSpec));                               \
-        if (get_arrays(args, #NAME, NAME##_spec, n, &x) < 0)                                \
+        if (get_arrays(args, #NAME, NAME##_spec, n, GATES, &x) < 0)                         \
             return NULL;                                                                    \
         Py_BEGIN_ALLOW_THREADS                                                              \
         if (x.is_double)                                                                    \
@@ -353,49 +782,152 @@ fail:
         Py_RETURN_NONE;                                                                     \
     }
 
-#define ARGS6(T) (x.B, x.H, ARG(T, 0), ARG(T, 1), ARG(T, 2), ARG(T, 3), ARG(T, 4), ARG(T, 5))
-#define ARGS7(T) \
-    (x.B, x.H, ARG(T, 0), ARG(T, 1), ARG(T, 2), ARG(T, 3), ARG(T, 4), ARG(T, 5), ARG(T, 6))
-#define ARGS3(T) (x.B, x.H, ARG(T, 0), ARG(T, 1), ARG(T, 2))
+#define ARGS3(R) (x.T, x.B, x.H, ARG(R, 0), ARG(R, 1), ARG(R, 2))
+#define ARGS4(R) (x.T, x.B, x.H, ARG(R, 0), ARG(R, 1), ARG(R, 2), ARG(R, 3))
+#define ARGS5(R) (x.T, x.B, x.H, ARG(R, 0), ARG(R, 1), ARG(R, 2), ARG(R, 3), ARG(R, 4))
+#define ARGS6(R) \
+    (x.T, x.B, x.H, ARG(R, 0), ARG(R, 1), ARG(R, 2), ARG(R, 3), ARG(R, 4), ARG(R, 5))
+#define ARGS8(R)                                                                            \
+    (x.T, x.B, x.H, ARG(R, 0), ARG(R, 1), ARG(R, 2), ARG(R, 3), ARG(R, 4), ARG(R, 5),        \
+     ARG(R, 6), ARG(R, 7))
 
-WRAPPER(lstm_fwd, ARGS6,
-        {"a", 1, 4}, {"rec", 0, 4}, {"c_prev", 0, 1}, {"c", 1, 1}, {"tanh_c", 1, 1}, {"h", 1, 1})
-WRAPPER(lstm_bwd, ARGS7,
-        {"dh", 1, 1}, {"dc", 1, 1}, {"dh_in", 0, 1}, {"a", 0, 4}, {"c_prev", 0, 1},
-        {"tanh_c", 0, 1}, {"d", 1, 4})
-WRAPPER(gru_fwd, ARGS6,
-        {"a", 1, 3}, {"rec", 0, 3}, {"b_hn", 0, 0}, {"h_prev", 0, 1}, {"hn", 1, 1}, {"h", 1, 1})
-WRAPPER(gru_bwd, ARGS7,
-        {"dh", 1, 1}, {"dh_in", 0, 1}, {"acts", 0, 3}, {"f_z", 0, 1}, {"f_r", 0, 1},
-        {"dn", 1, 1}, {"q", 1, 3})
-WRAPPER(rnn_fwd, ARGS3, {"x", 0, 1}, {"rec", 0, 1}, {"h", 1, 1})
-WRAPPER(rnn_bwd, ARGS3, {"dh", 1, 1}, {"dh_in", 0, 1}, {"dpre", 1, 1})
+WRAPPER(lstm_forward, 4, ARGS5,
+        {"acts", 1, "TBG"}, {"packed", 0, "gHP"}, {"hs", 1, "SBH"}, {"cs", 1, "SBH"},
+        {"tanh_c", 1, "TBH"})
+WRAPPER(lstm_backward, 4, ARGS8,
+        {"dhs", 0, "TBH"}, {"acts", 0, "TBG"}, {"cs", 0, "SBH"}, {"tanh_c", 0, "TBH"},
+        {"packed", 0, "hGP"}, {"dh", 1, "BH"}, {"dc", 1, "BH"}, {"dpre", 1, "TBG"})
+WRAPPER(gru_forward, 3, ARGS6,
+        {"acts", 1, "TBG"}, {"packed", 0, "gHP"}, {"b_hn", 0, "H"}, {"hs", 1, "SBH"},
+        {"hn", 1, "TBH"}, {"rec", 1, "BG"})
+WRAPPER(gru_backward, 3, ARGS8,
+        {"dhs", 0, "TBH"}, {"acts", 0, "TBG"}, {"f_z", 0, "TBH"}, {"f_r", 0, "TBH"},
+        {"packed", 0, "hGP"}, {"dh", 1, "BH"}, {"dn", 1, "TBH"}, {"drec", 1, "TBG"})
+WRAPPER(rnn_forward, 1, ARGS3, {"xproj", 1, "TBG"}, {"packed", 0, "gHP"}, {"hs", 1, "SBH"})
+WRAPPER(rnn_backward, 1, ARGS4,
+        {"dhs", 0, "TBH"}, {"packed", 0, "hGP"}, {"dh", 1, "BH"}, {"dpre", 1, "TBG"})
+
+/* gemm(a (M, K), packed (panels(N), K, PANEL), c (M, N), accumulate) */
+static PyObject *py_gemm(PyObject *self, PyObject *args)
+{
+    (void)self;
+    PyObject *arrays[3];
+    int accumulate;
+    if (!PyArg_ParseTuple(args, "OOOp:gemm", &arrays[0], &arrays[1], &arrays[2], &accumulate))
+        return NULL;
+    static const char *names[3] = {"a", "packed", "c"};
+    static const int ndims[3] = {2, 3, 2};
+    Py_buffer v[3];
+    int held = 0;
+    char code = 0;
+    for (; held < 3; held++) {
+        int flags = PyBUF_C_CONTIGUOUS | PyBUF_FORMAT | (held == 2 ? PyBUF_WRITABLE : 0);
+        if (PyObject_GetBuffer(arrays[held], &v[held], flags) < 0) {
+            PyErr_Clear();
+            PyErr_Format(PyExc_ValueError, "gemm(): %s must be a %sC-contiguous float32 or "
+                         "float64 array", names[held], held == 2 ? "writable " : "");
+            goto fail;
+        }
+        char c = float_code(v[held].format);
+        if (c == 0 || v[held].ndim != ndims[held] || (code != 0 && c != code)) {
+            held++;
+            PyErr_Format(PyExc_ValueError, "gemm(): %s must be a %d-d float32 or float64 "
+                         "array, like the others", names[held - 1], ndims[held - 1]);
+            goto fail;
+        }
+        code = c;
+    }
+    Py_ssize_t M = v[0].shape[0], K = v[0].shape[1], N = v[2].shape[1];
+    if (v[2].shape[0] != M || v[1].shape[0] != panels(N) || v[1].shape[1] != K ||
+        v[1].shape[2] != PANEL) {
+        PyErr_Format(PyExc_ValueError, "gemm(): shapes do not fit: a (%zd, %zd), c (%zd, %zd) "
+                     "need packed (%zd, %zd, %d)", M, K, v[2].shape[0], N, panels(N), K, PANEL);
+        goto fail;
+    }
+    if (overlap(&v[2], &v[0]) || overlap(&v[2], &v[1])) {
+        PyErr_SetString(PyExc_ValueError, "gemm(): c overlaps an input");
+        goto fail;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    if (code == 'd')
+        gemm_double(M, N, K, v[0].buf, v[1].buf, v[2].buf, accumulate);
+    else
+        gemm_float(M, N, K, v[0].buf, v[1].buf, v[2].buf, accumulate);
+    Py_END_ALLOW_THREADS
+    while (held > 0)
+        PyBuffer_Release(&v[--held]);
+    Py_RETURN_NONE;
+fail:
+    while (held > 0)
+        PyBuffer_Release(&v[--held]);
+    return NULL;
+}
+
+/* set_gemm(name): "avx512", "avx2+fma" or "c" (the portable loop); for tests. */
+static PyObject *py_set_gemm(PyObject *self, PyObject *args)
+{
+    (void)self;
+    const char *name;
+    if (!PyArg_ParseTuple(args, "s:set_gemm", &name))
+        return NULL;
+    int kind = gemm_available(name);
+    if (kind < 0) {
+        PyErr_Format(PyExc_ValueError, "set_gemm(): %s is not available here", name);
+        return NULL;
+    }
+    gemm_kind = kind;
+    Py_RETURN_NONE;
+}
+
+/* gemm_name(): the GEMM in use. */
+static PyObject *py_gemm_name(PyObject *self, PyObject *args)
+{
+    (void)self;
+    (void)args;
+    return PyUnicode_FromString(GEMM_NAMES[gemm_kind]);
+}
 
 static PyMethodDef methods[] = {
-    {"lstm_fwd_step", py_lstm_fwd, METH_VARARGS,
-     "lstm_fwd_step(a, rec, c_prev, c, tanh_c, h): one LSTM forward step after the GEMM."},
-    {"lstm_bwd_step", py_lstm_bwd, METH_VARARGS,
-     "lstm_bwd_step(dh, dc, dh_in, a, c_prev, tanh_c, d): one LSTM backward step before the "
-     "GEMM, from the forward pass's activations."},
-    {"gru_fwd_step", py_gru_fwd, METH_VARARGS,
-     "gru_fwd_step(a, rec, b_hn, h_prev, hn, h): one GRU forward step after the GEMM."},
-    {"gru_bwd_step", py_gru_bwd, METH_VARARGS,
-     "gru_bwd_step(dh, dh_in, acts, f_z, f_r, dn, q): one GRU backward step before the GEMM."},
-    {"rnn_fwd_step", py_rnn_fwd, METH_VARARGS,
-     "rnn_fwd_step(x, rec, h): h = tanh(x + rec)."},
-    {"rnn_bwd_step", py_rnn_bwd, METH_VARARGS,
-     "rnn_bwd_step(dh, dh_in, dpre): dh += dh_in; dpre *= dh."},
+    {"lstm_forward", py_lstm_forward, METH_VARARGS,
+     "lstm_forward(acts, packed, hs, cs, tanh_c): the LSTM forward loop of a window."},
+    {"lstm_backward", py_lstm_backward, METH_VARARGS,
+     "lstm_backward(dhs, acts, cs, tanh_c, packed, dh, dc, dpre): the LSTM backward loop."},
+    {"gru_forward", py_gru_forward, METH_VARARGS,
+     "gru_forward(acts, packed, b_hn, hs, hn, rec): the GRU forward loop of a window."},
+    {"gru_backward", py_gru_backward, METH_VARARGS,
+     "gru_backward(dhs, acts, f_z, f_r, packed, dh, dn, drec): the GRU backward loop."},
+    {"rnn_forward", py_rnn_forward, METH_VARARGS,
+     "rnn_forward(xproj, packed, hs): the tanh RNN forward loop of a window."},
+    {"rnn_backward", py_rnn_backward, METH_VARARGS,
+     "rnn_backward(dhs, packed, dh, dpre): the tanh RNN backward loop of a window."},
+    {"gemm", py_gemm, METH_VARARGS,
+     "gemm(a, packed, c, accumulate): c = a @ W.T, or c += a @ W.T, packed = pack_panels(W)."},
+    {"set_gemm", py_set_gemm, METH_VARARGS,
+     "set_gemm(name): the \"avx512\" or \"avx2+fma\" micro-kernels or the portable \"c\" "
+     "loop."},
+    {"gemm_name", py_gemm_name, METH_NOARGS, "gemm_name(): the GEMM in use."},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT,
     "_fused",
-    "Per-step kernels for charrnn.cells (see charrnn/_fused.c); optional, numpy is the "
+    "Recurrent loops for charrnn.cells (see charrnn/_fused.c); optional, numpy is the "
     "reference.",
     -1,
     methods,
     NULL, NULL, NULL, NULL,
 };
 
-PyMODINIT_FUNC PyInit__fused(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__fused(void)
+{
+    gemm_kind = gemm_available(NULL);
+    PyObject *m = PyModule_Create(&module);
+    if (m == NULL)
+        return NULL;
+    if (PyModule_AddIntConstant(m, "PANEL", PANEL) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

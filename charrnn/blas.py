@@ -1,4 +1,4 @@
-"""The BLAS thread count, for work that runs its own threads (threaded evaluation).
+"""The BLAS thread count, for work that runs its own threads (charrnn.parallel).
 
 numpy's GEMMs go to OpenBLAS, which splits each one over all cores.  Two of our threads
 each calling a GEMM that wants both cores fight over them (slower than one thread alone),
@@ -42,6 +42,11 @@ def _openblas() -> tuple[Callable[[], int], Callable[[int], None]] | None:
                     set_.restype, set_.argtypes = None, [ctypes.c_int]
                     return get, set_
     return None
+
+
+def controllable() -> bool:
+    """Whether `single_threaded()` can set the BLAS thread count in this process."""
+    return _openblas() is not None
 
 
 @contextmanager

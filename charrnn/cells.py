@@ -12,10 +12,11 @@ Conventions, shared by every cell (PyTorch's layout and gate order):
                          only reads GRU's b_hn from it)
     state   tuple of (B, H) arrays: (h,) for rnn and gru, (h, c) for lstm
 
-`forward(xproj, state, W_rec, b_hh, ws)` returns the hidden states of the window as
-hs (T+1, B, H) with hs[0] = h0, the final state, and a cache for backward.  `xproj` is
-overwritten (it becomes the activation buffer).  `ws` is a dict of preallocated work
-buffers reused from window to window.
+`forward(xproj, state, W_rec, b_hh, ws, packed=None)` returns the hidden states of the
+window as hs (T+1, B, H) with hs[0] = h0, the final state, and a cache for backward.
+`xproj` is overwritten (it becomes the activation buffer).  `ws` is a dict of preallocated
+work buffers reused from window to window.  `packed` is pack_panels(W_rec), for callers that
+keep the weights fixed over many windows (scoring); otherwise it is made here when needed.
 
 `backward(dhs, dstate, cache, W_hh, ws)` takes dL/dh_t for t = 1..T (T, B, H) from the
 layer above and dL/dstate_T arriving from the next window, and returns
@@ -27,15 +28,16 @@ be done for a whole window at once (the input projection, weight gradients) is o
 one ufunc over (T*B, ...), and what can be done to the weights instead of the activations
 (bias folding, gate scaling) is done to the weights.
 
-The elementwise work of one step can run in a compiled kernel from the optional extension
-charrnn/_fused.c, one pass over the batch instead of several numpy calls; each loop keeps its
-numpy lines beside the kernel call, and those lines are the reference.  A kernel does the same
-arithmetic (the GRU and RNN backward steps in the same order, bit-identical; the LSTM backward
-step computes the window factors on the fly instead of in a window-level pass, equal up to
-rounding); forward steps differ only in their transcendental functions: libm's tanh in
-float64; in float32 a vectorized tanh (within 1.5e-7) and sigmoid gates as 1 / (1 + exp(-x)),
-within 1e-7 of numpy's 0.5 tanh(x/2) + 0.5.  The kernels are used when the extension is
-built and CHARRNN_ACCEL is not "0"; see `accelerated()`.
+The step loops run in the optional compiled extension charrnn/_fused.c when it is built: one
+call per layer and window, in which each step is a GEMM with weights packed once per window
+(`pack_panels`; a BLAS GEMM re-packs them on every call and is slow for a batch of rows) and
+one pass over the batch for the elementwise work.  The numpy loops beside each call are the
+reference; the kernels compute the same arithmetic, so the results differ only by rounding:
+the GEMM's summation order and, in the forward steps, the transcendental functions (libm's
+tanh in float64; in float32 a vectorized tanh within 1.5e-7, and sigmoid gates as
+1 / (1 + exp(-x)), within 1e-7 of numpy's 0.5 tanh(x/2) + 0.5).  The LSTM backward kernel
+computes the window factors of the numpy path on the fly.  The kernels are used when the
+extension is built and CHARRNN_ACCEL is not "0"; see `accelerated()`.
 """
 
 from __future__ import annotations
@@ -65,7 +67,7 @@ def buffer(ws: Workspace, name: str, shape: tuple[int, ...], dtype: np.dtype) ->
 
 
 def accelerated() -> bool:
-    """Whether the per-step loops run the compiled kernels of charrnn/_fused.c."""
+    """Whether the step loops run the compiled kernels of charrnn/_fused.c."""
     return _fused is not None
 
 
@@ -74,6 +76,39 @@ def _kernels(*window_arrays: np.ndarray):
     if _fused is None or not all(a.flags.c_contiguous for a in window_arrays):
         return None
     return _fused
+
+
+PANEL = 16  # columns per panel of a packed weight matrix; _fused.PANEL
+
+
+def pack_panels(W: np.ndarray, ws: Workspace | None = None, name: str = "packed") -> np.ndarray:
+    """W (N, K) laid out for the compiled GEMM, out = a @ W.T: (ceil(N / PANEL), K, PANEL)
+    with packed[p, k, j] = W[p * PANEL + j, k], zero past N. A layout, no arithmetic."""
+    N, K = W.shape
+    P, full = -(-N // PANEL), N // PANEL
+    shape = (P, K, PANEL)
+    packed = np.empty(shape, W.dtype) if ws is None else buffer(ws, name, shape, W.dtype)
+    Wt = W.T  # (K, N)
+    packed[:full] = Wt[:, : full * PANEL].reshape(K, full, PANEL).transpose(1, 0, 2)
+    if full < P:
+        packed[full] = 0
+        packed[full, :, : N - full * PANEL] = Wt[:, full * PANEL :]
+    return packed
+
+
+def project(x: np.ndarray, W: np.ndarray, b: np.ndarray, out: np.ndarray, packed=None):
+    """out (T, B, N) = x (T, B, K) @ W.T + b: a whole window's input projection, one GEMM
+    over its T*B rows (the compiled one, with `packed` = pack_panels(W) or packing here,
+    when the kernels run)."""
+    rows = out.reshape(-1, out.shape[-1])  # (T*B, N)
+    x2 = x.reshape(len(rows), -1)  # (T*B, K)
+    if fused := _kernels(x2, rows):
+        rows[...] = b
+        fused.gemm(x2, pack_panels(W) if packed is None else packed, rows, True)
+    else:
+        np.matmul(x2, W.T, out=rows)
+        rows += b
+    return out
 
 
 def _weight_grad(dpre: np.ndarray, inputs: np.ndarray) -> np.ndarray:
@@ -87,19 +122,19 @@ def _weight_grad(dpre: np.ndarray, inputs: np.ndarray) -> np.ndarray:
 # ---------------------------------------------------------------------------------------
 
 
-def rnn_forward(xproj, state: State, W_rec, b_hh, ws: Workspace):
+def rnn_forward(xproj, state: State, W_rec, b_hh, ws: Workspace, packed=None):
     T, B, H = xproj.shape
     hs = buffer(ws, "hs", (T + 1, B, H), xproj.dtype)  # (T+1, B, H)
-    tmp = buffer(ws, "tmp", (B, H), xproj.dtype)
     hs[0] = state[0]
-    fused = _kernels(xproj)
+    if fused := _kernels(xproj):  # the loop below, compiled
+        packed = pack_panels(W_rec, ws) if packed is None else packed
+        fused.rnn_forward(xproj, packed, hs)
+        return hs, (hs[T].copy(),), {"hs": hs}
+    tmp = buffer(ws, "tmp", (B, H), xproj.dtype)
     for t in range(T):
         np.matmul(hs[t], W_rec.T, out=tmp)  # (B, H)
-        if fused:  # the numpy lines below in one pass, tanh aside
-            fused.rnn_fwd_step(xproj[t], tmp, hs[t + 1])
-        else:
-            np.add(xproj[t], tmp, out=hs[t + 1])
-            np.tanh(hs[t + 1], out=hs[t + 1])
+        np.add(xproj[t], tmp, out=hs[t + 1])
+        np.tanh(hs[t + 1], out=hs[t + 1])
     return hs, (hs[T].copy(),), {"hs": hs}
 
 
@@ -112,14 +147,13 @@ def rnn_backward(dhs, dstate: State, cache: dict[str, Any], W_hh, ws: Workspace)
     np.subtract(1.0, dpre, out=dpre)
     dh = buffer(ws, "dh", (B, H), dhs.dtype)
     dh[...] = dstate[0]
-    fused = _kernels(dhs)
-    for t in range(T - 1, -1, -1):
-        if fused:  # computes exactly the numpy lines below, in one pass
-            fused.rnn_bwd_step(dh, dhs[t], dpre[t])
-        else:
+    if fused := _kernels(dhs):  # the loop below, compiled
+        fused.rnn_backward(dhs, pack_panels(W_hh.T, ws), dh, dpre)
+    else:
+        for t in range(T - 1, -1, -1):
             dh += dhs[t]
             dpre[t] *= dh
-        np.matmul(dpre[t], W_hh, out=dh)  # (B, H)
+            np.matmul(dpre[t], W_hh, out=dh)  # (B, H)
     dW_hh = _weight_grad(dpre, hs[:-1])
     return dpre, dW_hh, dpre.sum(axis=(0, 1)), (dh.copy(),)
 
@@ -148,25 +182,26 @@ def _lstm_affine(H: int, dtype: np.dtype, ws: Workspace) -> _GateAffine:
     return _GateAffine(ws["scale"], ws["shift"])
 
 
-def lstm_forward(xproj, state: State, W_rec, b_hh, ws: Workspace):
+def lstm_forward(xproj, state: State, W_rec, b_hh, ws: Workspace, packed=None):
     T, B, G = xproj.shape
     H = G // 4
     dt = xproj.dtype
-    aff = _lstm_affine(H, dt, ws)
     acts = xproj  # (T, B, 4H) becomes the gate activations
     hs = buffer(ws, "hs", (T + 1, B, H), dt)  # (T+1, B, H)
     cs = buffer(ws, "cs", (T + 1, B, H), dt)  # (T+1, B, H)
     tanh_c = buffer(ws, "tanh_c", (T, B, H), dt)  # (T, B, H)
+    hs[0], cs[0] = state
+    cache = {"hs": hs, "cs": cs, "tanh_c": tanh_c, "acts": acts}
+    if fused := _kernels(xproj):  # the loop below, compiled
+        packed = pack_panels(W_rec, ws) if packed is None else packed
+        fused.lstm_forward(acts, packed, hs, cs, tanh_c)
+        return hs, (hs[T].copy(), cs[T].copy()), cache
+    aff = _lstm_affine(H, dt, ws)
     rec = buffer(ws, "rec", (B, G), dt)
     ig = buffer(ws, "ig", (B, H), dt)
-    hs[0], cs[0] = state
-    fused = _kernels(xproj)
     for t in range(T):
         a = acts[t]  # (B, 4H)
         np.matmul(hs[t], W_rec.T, out=rec)  # (B, 4H)
-        if fused:  # the numpy lines below in one pass over the batch, tanh aside
-            fused.lstm_fwd_step(a, rec, cs[t], cs[t + 1], tanh_c[t], hs[t + 1])
-            continue
         a += rec
         np.tanh(a, out=a)
         a *= aff.scale
@@ -177,7 +212,6 @@ def lstm_forward(xproj, state: State, W_rec, b_hh, ws: Workspace):
         cs[t + 1] += ig
         np.tanh(cs[t + 1], out=tanh_c[t])
         np.multiply(o, tanh_c[t], out=hs[t + 1])
-    cache = {"hs": hs, "cs": cs, "tanh_c": tanh_c, "acts": acts}
     return hs, (hs[T].copy(), cs[T].copy()), cache
 
 
@@ -190,13 +224,10 @@ def lstm_backward(dhs, dstate: State, cache: dict[str, Any], W_hh, ws: Workspace
     dc = buffer(ws, "dc", (B, H), dt)
     dh[...] = dstate[0]
     dc[...] = dstate[1]
-    fused = _kernels(dhs)
-    if fused:
-        # the kernel computes the gate derivatives from the activations as it goes, in
-        # one pass per step: the same values as the numpy path's window factors below
-        for t in range(T - 1, -1, -1):
-            fused.lstm_bwd_step(dh, dc, dhs[t], acts[t], cs[t], tanh_c[t], dpre[t])
-            np.matmul(dpre[t], W_hh, out=dh)  # (B, H)
+    if fused := _kernels(dhs):
+        # the loop below, compiled; it computes the gate derivatives from the activations
+        # as it goes: the same values as the numpy path's window factors
+        fused.lstm_backward(dhs, acts, cs, tanh_c, pack_panels(W_hh.T, ws), dh, dc, dpre)
     else:
         # Everything that depends only on the forward pass is computed for the whole window:
         #   p = o * (1 - tanh(c_t)^2)               so that   dc  += dh * p
@@ -242,7 +273,7 @@ def lstm_backward(dhs, dstate: State, cache: dict[str, Any], W_hh, ws: Workspace
 # ---------------------------------------------------------------------------------------
 
 
-def gru_forward(xproj, state: State, W_rec, b_hh, ws: Workspace):
+def gru_forward(xproj, state: State, W_rec, b_hh, ws: Workspace, packed=None):
     T, B, G = xproj.shape
     H = G // 3
     dt = xproj.dtype
@@ -254,13 +285,14 @@ def gru_forward(xproj, state: State, W_rec, b_hh, ws: Workspace):
     tmp = buffer(ws, "tmp", (B, H), dt)
     b_hn = b_hh[2 * H :]
     hs[0] = state[0]
-    fused = _kernels(xproj, b_hn)
+    cache = {"hs": hs, "hn": hn, "acts": acts}
+    if fused := _kernels(xproj, b_hn):  # the loop below, compiled
+        packed = pack_panels(W_rec, ws) if packed is None else packed
+        fused.gru_forward(acts, packed, b_hn, hs, hn, rec)
+        return hs, (hs[T].copy(),), cache
     for t in range(T):
         a = acts[t]
         np.matmul(hs[t], W_rec.T, out=rec)  # (B, 3H)
-        if fused:  # the numpy lines below in one pass over the batch, tanh aside
-            fused.gru_fwd_step(a, rec, b_hn, hs[t], hn[t], hs[t + 1])
-            continue
         rz = a[:, : 2 * H]
         rz += rec[:, : 2 * H]
         np.tanh(rz, out=rz)
@@ -275,7 +307,7 @@ def gru_forward(xproj, state: State, W_rec, b_hh, ws: Workspace):
         np.subtract(hs[t], n, out=tmp)
         tmp *= z
         np.add(n, tmp, out=hs[t + 1])
-    return hs, (hs[T].copy(),), {"hs": hs, "hn": hn, "acts": acts}
+    return hs, (hs[T].copy(),), cache
 
 
 def gru_backward(dhs, dstate: State, cache: dict[str, Any], W_hh, ws: Workspace):
@@ -308,20 +340,19 @@ def gru_backward(dhs, dstate: State, cache: dict[str, Any], W_hh, ws: Workspace)
     dh = buffer(ws, "dh", (B, H), dt)
     tmp = buffer(ws, "tmp", (B, H), dt)
     dh[...] = dstate[0]
-    fused = _kernels(dhs)
-    for t in range(T - 1, -1, -1):
-        q = drec[t]
-        if fused:  # computes exactly the numpy lines below, in one pass over the batch
-            fused.gru_bwd_step(dh, dhs[t], acts[t], f_z[t], f_r[t], dn_pre[t], q)
-        else:
+    if fused := _kernels(dhs):  # the loop below, compiled
+        fused.gru_backward(dhs, acts, f_z, f_r, pack_panels(W_hh.T, ws), dh, dn_pre, drec)
+    else:
+        for t in range(T - 1, -1, -1):
+            q = drec[t]
             dh += dhs[t]
             np.multiply(dh, f_n[t], out=dn_pre[t])
             np.multiply(dh, f_z[t], out=q[:, H : 2 * H])
             np.multiply(dn_pre[t], f_r[t], out=q[:, :H])
             np.multiply(dn_pre[t], r[t], out=q[:, 2 * H :])
             dh *= z[t]
-        np.matmul(q, W_hh, out=tmp)  # (B, H)
-        dh += tmp
+            np.matmul(q, W_hh, out=tmp)  # (B, H)
+            dh += tmp
     dx = acts  # (T, B, 3H) grads of the input part: r, z as drec, n is dn_pre
     dx[..., : 2 * H] = drec[..., : 2 * H]
     a3[:, :, 2] = dn_pre

@@ -64,7 +64,13 @@ def cli() -> None:
       charrnn train --config configs/default.yaml
       charrnn sample --checkpoint runs/default --seed "def " --temperature 0.8
       charrnn eval --checkpoint runs/default --text held_out.txt
+
+    Training and evaluation run on every core this process may use; CHARRNN_THREADS=N sets
+    how many (results differ between thread counts by float rounding only).
     """
+    from .parallel import thread_count
+
+    thread_count()  # a bad CHARRNN_THREADS is refused before any work
 
 
 # -- train -----------------------------------------------------------------------------
@@ -89,6 +95,7 @@ def train(config_path: str, overrides: tuple[str, ...], resume: bool, overwrite:
           progress: bool | None) -> None:
     """Train a model from a YAML config; checkpoints and metrics go to output.dir."""
     from .config import load_config
+    from .parallel import stream_groups
     from .train import StopSignals, Trainer
 
     if resume and overwrite:
@@ -110,7 +117,8 @@ def train(config_path: str, overrides: tuple[str, ...], resume: bool, overwrite:
             f"hidden {trainer.cfg.model.hidden_size}, {trainer.model.num_params:,} parameters; "
             f"corpus {trainer.corpus.num_chars:,} chars ({len(trainer.corpus.train):,} train, "
             f"{len(trainer.corpus.val):,} val), vocab {trainer.vocab.size}; "
-            f"{t.max_steps} steps of {t.batch_size}x{t.seq_length}")
+            f"{t.max_steps} steps of {t.batch_size}x{t.seq_length} on "
+            f"{len(stream_groups(t.batch_size))} thread(s)")
         # printed once the run directory checks pass: a refusal stays a one-line message
         result = trainer.run(progress=progress, resume_hint=resume_cmd,
                              echo=lambda s: click.echo(s, err=True), signals=signals,

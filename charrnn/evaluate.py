@@ -5,16 +5,15 @@ from __future__ import annotations
 import itertools
 import math
 import os
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from . import blas
 from .checkpoint import load_checkpoint, resolve_checkpoint
 from .data import eval_windows, load_text_ids
 from .model import CharRNN, token_nll
+from .parallel import run_groups, stream_groups
 
 EVAL_BATCH = 64  # streams; bigger batches make the per-step GEMM more efficient
 EVAL_SEQ = 256
@@ -38,12 +37,12 @@ class EvalResult:
 
 
 class _StreamGroup:
-    """Scores one contiguous group of the evaluation streams (columns lo:hi of every window)
-    with its own model buffers, the weights shared, and its own carried state."""
+    """Scores one contiguous group of the evaluation streams (the same columns of every
+    window) with its own model buffers, the weights shared, and its own carried state."""
 
-    def __init__(self, model: CharRNN, lo: int, hi: int):
+    def __init__(self, model: CharRNN, columns: slice):
         self.model = CharRNN(model.shape, model.params)
-        self.columns = slice(lo, hi)
+        self.columns = columns
         self.state: list | None = None
         self.total, self.count = 0.0, 0
 
@@ -62,13 +61,6 @@ class _StreamGroup:
             self.count += int(m.sum())
 
 
-def available_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
 def score(
     model: CharRNN,
     ids: np.ndarray,
@@ -79,31 +71,19 @@ def score(
     """Total NLL in nats and the number of characters scored: every id after the first of
     each evaluation stream is predicted once, with the state carried across windows.
 
-    The streams are independent, so they are split into one group per thread (default: one
-    per core), each group scored on its own thread with single-threaded BLAS calls: the
-    elementwise work of every step then runs on all cores too, not only the GEMMs. Where
-    OpenBLAS's thread count cannot be set (see charrnn.blas) it runs on one thread, with
-    multi-threaded GEMMs. The total differs between thread counts by float rounding only."""
+    The streams are independent, so they are split into groups (default: one per core, see
+    charrnn.parallel), each scored on its own thread, with its own carried state. The total
+    differs between thread counts by float rounding only."""
     windows = eval_windows(ids, batch_size, seq_length)
     first = next(windows, None)
     if first is None:
         return 0.0, 0
-    streams = first[0].shape[1]
-    n = max(1, min(threads or available_cores(), streams))
+    groups = [_StreamGroup(model, cols) for cols in stream_groups(first[0].shape[1], threads)]
     with ExitStack() as stack:
-        if n > 1 and not stack.enter_context(blas.single_threaded()):
-            n = 1
-        groups = [_StreamGroup(model, streams * i // n, streams * (i + 1) // n) for i in range(n)]
         for group in groups:
             stack.enter_context(group.model.frozen())
-        pool = stack.enter_context(ThreadPoolExecutor(n)) if n > 1 else None
         for window in itertools.chain([first], windows):
-            if pool is None:
-                groups[0].score(*window)
-            else:
-                futures = [pool.submit(group.score, *window) for group in groups]
-                for future in futures:
-                    future.result()
+            run_groups(lambda g, window=window: groups[g].score(*window), len(groups))
     return sum(g.total for g in groups), sum(g.count for g in groups)
 
 

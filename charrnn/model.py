@@ -24,7 +24,18 @@ from typing import Any
 
 import numpy as np
 
-from .cells import CELLS, Cell, State, Workspace, buffer, gate_scale
+from .cells import (
+    CELLS,
+    Cell,
+    State,
+    Workspace,
+    accelerated,
+    buffer,
+    gate_scale,
+    pack_panels,
+    project,
+)
+from .parallel import run_groups, stream_groups
 
 Params = dict[str, np.ndarray]
 
@@ -107,18 +118,22 @@ def token_nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
     return lse - logits[np.arange(len(targets)), targets]
 
 
-def cross_entropy_(logits: np.ndarray, targets: np.ndarray) -> tuple[float, np.ndarray]:
-    """Mean NLL over N rows and its gradient, computed in place in `logits` (N, V)."""
+def cross_entropy_(
+    logits: np.ndarray, targets: np.ndarray, denominator: int | None = None
+) -> tuple[float, np.ndarray]:
+    """Summed NLL of N rows / `denominator` (default N: the mean) and its gradient, computed
+    in place in `logits` (N, V)."""
     N = len(targets)
     rows = np.arange(N)
     logits -= logits.max(axis=1, keepdims=True)
     target_logit = logits[rows, targets]  # (N,)
     np.exp(logits, out=logits)
     total = logits.sum(axis=1)  # (N,)
-    loss = float(np.mean(np.log(total) - target_logit, dtype=np.float64))
+    denominator = N if denominator is None else denominator
+    loss = float(np.sum(np.log(total) - target_logit, dtype=np.float64)) / denominator
     logits /= total[:, None]  # softmax
     logits[rows, targets] -= 1.0
-    logits /= N
+    logits /= denominator
     return loss, logits
 
 
@@ -153,6 +168,7 @@ class CharRNN:
         self._bwd_ws: Workspace = {}  # backward scratch: layers run one after another, share it
         self._top: Workspace = {}
         self._prepared: dict[str, Any] | None = None  # see frozen()
+        self._replicas: list[CharRNN] = [self]  # one per stream group, see loss_and_grads
 
     @classmethod
     def create(cls, shape: ModelShape, seed: int, dtype: str = "float32") -> CharRNN:
@@ -214,6 +230,15 @@ class CharRNN:
 
         return self._prepare(f"layer{k}", make)
 
+    def _packed(self, k: int, which: int) -> np.ndarray | None:
+        """Layer k's W_in (which=0) or W_rec (which=2) packed for the compiled kernels, kept
+        while the weights are frozen; None (packed where used) outside that scope or without
+        the compiled kernels."""
+        if self._prepared is None or not accelerated():
+            return None
+        return self._prepare(f"packed{k},{which}",
+                             lambda: pack_panels(self._layer_weights(k)[which]))
+
     def _layer0_input(self, x: np.ndarray) -> np.ndarray | None:
         """The embedded characters (T, B, E), or None for one-hot input."""
         if "embedding.weight" not in self.params:
@@ -244,10 +269,7 @@ class CharRNN:
             np.take(self.input_table(), x, axis=0, out=xproj, mode="clip")
             return xproj
         W_in, b_in, _ = self._layer_weights(0)
-        inp = self._layer0_input(x)  # (T, B, E)
-        np.matmul(inp.reshape(T * B, -1), W_in.T, out=xproj.reshape(T * B, -1))
-        xproj += b_in
-        return xproj
+        return project(self._layer0_input(x), W_in, b_in, xproj, self._packed(0, 0))
 
     def forward(self, x: np.ndarray, state: list[State], masks: list[np.ndarray] | None = None):
         """x (T, B) ids -> logits (T*B, V), final state, cache for `backward`.
@@ -263,11 +285,12 @@ class CharRNN:
             if k == 0:
                 xproj = self._layer0_projection(x, ws)
             else:
-                xproj = buffer(ws, "xproj", (T, B, W_in.shape[0]), self.dtype)
-                np.matmul(inp.reshape(T * B, -1), W_in.T, out=xproj.reshape(T * B, -1))
-                xproj += b_in
+                xproj = buffer(ws, "xproj", (T, B, W_in.shape[0]), self.dtype)  # (T, B, G*H)
+                project(inp, W_in, b_in, xproj, self._packed(k, 0))
             inputs.append(inp)
-            hs, last, cache = self.cell.forward(xproj, state[k], W_rec, p[f"rnn.bias_hh_l{k}"], ws)
+            hs, last, cache = self.cell.forward(
+                xproj, state[k], W_rec, p[f"rnn.bias_hh_l{k}"], ws, self._packed(k, 2)
+            )
             caches.append(cache)
             new_state.append(last)
             inp = hs[1:]  # (T, B, H)
@@ -324,9 +347,45 @@ class CharRNN:
         return grads, dstate0
 
     def loss_and_grads(self, x, y, state, masks=None, dstate=None):
-        """One truncated-BPTT window: mean NLL, gradients, final state (no gradient past it)."""
+        """One truncated-BPTT window: mean NLL, gradients, final state (no gradient past it).
+
+        The batch's streams are split into groups that run on separate threads, each by a
+        replica of this model that shares its parameters (charrnn.parallel); the groups'
+        losses and gradients add up to the batch's, their states are concatenated."""
+        T, B = x.shape
+        groups = stream_groups(B)
+        while len(self._replicas) < len(groups):
+            self._replicas.append(CharRNN(self.shape, self.params))
+
+        def run(g: int):
+            cols = groups[g]
+            return self._replicas[g]._group_loss_and_grads(
+                x[:, cols],
+                y[:, cols],
+                [tuple(s[cols] for s in layer) for layer in state],
+                None if masks is None else [m[cols] for m in masks],
+                None if dstate is None else [tuple(s[cols] for s in layer) for layer in dstate],
+                T * B,
+            )
+
+        results = run_groups(run, len(groups))
+        loss, grads, new_state = results[0]
+        for other_loss, other_grads, _ in results[1:]:
+            loss += other_loss
+            for k, g in grads.items():
+                g += other_grads[k]
+        if len(results) > 1:
+            new_state = [
+                tuple(np.concatenate(parts) for parts in zip(*(r[2][k] for r in results)))
+                for k in range(self.shape.num_layers)
+            ]
+        return loss, grads, new_state
+
+    def _group_loss_and_grads(self, x, y, state, masks, dstate, denominator: int):
+        """loss_and_grads for a group of the batch's streams: its summed NLL / `denominator`
+        (the whole batch's number of predictions) and the gradients of that."""
         logits, new_state, cache = self.forward(x, state, masks)
-        loss, dlogits = cross_entropy_(logits, y.reshape(-1))
+        loss, dlogits = cross_entropy_(logits, y.reshape(-1), denominator)
         grads, _ = self.backward(dlogits, cache, dstate)
         return loss, grads, new_state
 

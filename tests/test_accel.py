@@ -1,8 +1,9 @@
 """The optional compiled kernels (charrnn/_fused.c) against the numpy code path they replace.
 
-Forward steps differ from numpy only through their transcendental functions (libm's tanh in
-float64; in float32 a vectorized Cephes tanhf and sigmoid gates as 1 / (1 + exp(-x))); backward
-steps have no transcendental functions."""
+The window loops differ from numpy only by the packed GEMM's summation order and, forward, the
+transcendental functions (libm's tanh in float64; in float32 a vectorized Cephes tanhf and
+sigmoid gates as 1 / (1 + exp(-x))).  Every test that runs a GEMM runs with each GEMM this
+machine has: the AVX2 + FMA micro-kernels and the portable C loop."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import numpy as np
 import pytest
 
 import charrnn.cells as cells
-from charrnn.cells import CELLS
+from charrnn.cells import CELLS, PANEL, pack_panels
 
 try:
     from charrnn import _fused
@@ -22,7 +23,22 @@ except ImportError:
     _fused = None
 
 needs_ext = pytest.mark.skipif(_fused is None, reason="charrnn._fused is not built")
-TOL = {np.float64: dict(rtol=1e-12, atol=1e-14), np.float32: dict(rtol=1e-5, atol=1e-6)}
+
+
+@pytest.fixture(params=["avx512", "avx2+fma", "c"])
+def gemm(request):
+    """Each GEMM of the extension in turn (skipped where the CPU lacks it)."""
+    if _fused is None:
+        pytest.skip("charrnn._fused is not built")
+    before = _fused.gemm_name()
+    try:
+        _fused.set_gemm(request.param)
+    except ValueError:
+        pytest.skip(f"no {request.param} GEMM on this machine")
+    yield request.param
+    _fused.set_gemm(before)
+# float32: the GEMMs sum in different orders, and the differences grow over the window
+TOL = {np.float64: dict(rtol=1e-12, atol=1e-14), np.float32: dict(rtol=1e-4, atol=1e-5)}
 T, B, H = 6, 5, 24
 
 
@@ -45,10 +61,42 @@ def _forward(cell, kernels, xproj, W_hh, b_hh, state, monkeypatch):
     return hs, last, cache, ws
 
 
+def test_pack_panels_layout():
+    rng = np.random.default_rng(0)
+    for N, K in [(16, 3), (40, 5), (7, 1), (33, 4)]:
+        W = rng.standard_normal((N, K))
+        for source in (W, np.asfortranarray(W), W.T.copy().T):  # any memory layout
+            packed = pack_panels(source)
+            assert packed.shape == (-(-N // PANEL), K, PANEL)
+            for p in range(packed.shape[0]):
+                for j in range(PANEL):
+                    expected = W[p * PANEL + j] if p * PANEL + j < N else np.zeros(K)
+                    np.testing.assert_array_equal(packed[p, :, j], expected)
+    assert _fused is None or _fused.PANEL == PANEL
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_gemm_matches_numpy(gemm, dtype):
+    rng = np.random.default_rng(1)
+    for M in (1, 2, 3, 5, 6, 7, 13, 32):
+        for N in (1, 15, 16, 17, 40):
+            for K in (1, 3, 64):
+                a = rng.standard_normal((M, K)).astype(dtype)
+                W = rng.standard_normal((N, K)).astype(dtype)
+                c0 = rng.standard_normal((M, N)).astype(dtype)
+                exact = a.astype(np.float64) @ W.T.astype(np.float64)
+                tol = dict(rtol=0, atol=(1e-12 if dtype == np.float64 else 2e-5) * K)
+                for accumulate in (False, True):
+                    c = c0.copy()
+                    _fused.gemm(a, pack_panels(W), c, accumulate)
+                    np.testing.assert_allclose(c, exact + c0 * accumulate, **tol,
+                                               err_msg=f"M={M} N={N} K={K} acc={accumulate}")
+
+
 @needs_ext
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("cell", sorted(CELLS))
-def test_forward_matches_numpy(cell, dtype, monkeypatch):
+def test_forward_matches_numpy(cell, dtype, gemm, monkeypatch):
     xproj, W_hh, b_hh, state, _, _ = _inputs(cell, dtype)
     hs_f, last_f, cache_f, _ = _forward(cell, _fused, xproj, W_hh, b_hh, state, monkeypatch)
     hs_n, last_n, cache_n, _ = _forward(cell, None, xproj, W_hh, b_hh, state, monkeypatch)
@@ -64,7 +112,7 @@ def test_forward_matches_numpy(cell, dtype, monkeypatch):
 @needs_ext
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("cell", sorted(CELLS))
-def test_backward_matches_numpy(cell, dtype, monkeypatch):
+def test_backward_matches_numpy(cell, dtype, gemm, monkeypatch):
     xproj, W_hh, b_hh, state, dhs, dstate = _inputs(cell, dtype, seed=1)
     grads = {}
     for name, kernels in [("fused", _fused), ("numpy", None)]:
@@ -89,32 +137,45 @@ def test_noncontiguous_input_falls_back_to_numpy(monkeypatch):
     np.testing.assert_allclose(hs_s, hs_c, rtol=1e-12, atol=1e-14)
 
 
+def _one_step(cell: str, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """One forward step of `cell` from a zero state with zero recurrent weights, x (B, G*H)
+    as the pre-activations: (hs[1], the activations)."""
+    Bx, G = x.shape
+    H = G // CELLS[cell].gates
+    acts = x[None].copy()
+    hs = np.zeros((2, Bx, H), x.dtype)
+    packed = pack_panels(np.zeros((G, H), x.dtype))
+    if cell == "rnn":
+        _fused.rnn_forward(acts, packed, hs)
+    else:
+        cs, tanh_c = np.zeros((2, Bx, H), x.dtype), np.zeros((1, Bx, H), x.dtype)
+        _fused.lstm_forward(acts, packed, hs, cs, tanh_c)
+    return hs[1], acts[0]
+
+
 @needs_ext
 def test_float32_tanh_edge_values():
     x = np.array([0.0, -0.0, 1e-30, -1e-8, 0.3, 0.6249, 0.625, -0.7, 3.0, 8.9, 9.5, -20.0,
                   1e30, np.inf, -np.inf, np.nan], np.float32)
-    h = np.empty_like(x)
-    _fused.rnn_fwd_step(x[None], np.zeros_like(x)[None], h[None])
-    np.testing.assert_allclose(h, np.tanh(x), rtol=5e-7, atol=0)  # NaN where numpy has NaN
-    x = (np.random.default_rng(0).standard_normal((10, 10_000)) * 4).astype(np.float32)
-    h = np.empty_like(x)
-    _fused.rnn_fwd_step(x, np.zeros_like(x), h)
+    h, _ = _one_step("rnn", x[None])
+    np.testing.assert_allclose(h[0], np.tanh(x), rtol=5e-7, atol=0)  # NaN where numpy has NaN
+    x = (np.random.default_rng(0).standard_normal((100, 1000)) * 4).astype(np.float32)
+    h, _ = _one_step("rnn", x)
     np.testing.assert_allclose(h, np.tanh(x), rtol=5e-7, atol=0)
 
 
 @needs_ext
 def test_float32_sigmoid_gates():
-    """The LSTM's i gate from lstm_fwd_step against the exact sigmoid of x = 2u (u: the
-    pre-scaled input): within 2 ulp while exp is not clamped, 1e-7 absolute everywhere."""
-    B, H = 40, 500
-    u = (np.random.default_rng(1).standard_normal((B, H)) * 6).astype(np.float32)
+    """The LSTM's i gate against the exact sigmoid of x = 2u (u: the pre-scaled input):
+    within 2 ulp while exp is not clamped, 1e-7 absolute everywhere."""
+    Bx, Hx = 40, 500
+    u = (np.random.default_rng(1).standard_normal((Bx, Hx)) * 6).astype(np.float32)
     u.flat[:9] = [0.0, -0.0, 1e-30, 43.0, -43.0, 60.0, -60.0, np.inf, -np.inf]
     u.flat[9] = np.nan
-    a = np.zeros((B, 4 * H), np.float32)
-    a[:, :H] = u
-    state = [np.zeros((B, H), np.float32) for _ in range(4)]
-    _fused.lstm_fwd_step(a, np.zeros_like(a), *state)
-    gate = a[:, :H].astype(np.float64)
+    a = np.zeros((Bx, 4 * Hx), np.float32)
+    a[:, :Hx] = u
+    _, acts = _one_step("lstm", a)
+    gate = acts[:, :Hx].astype(np.float64)
     exact = 1.0 / (1.0 + np.exp(-2.0 * u.astype(np.float64)))
     assert np.isnan(gate.flat[9])
     finite = np.isfinite(u)
@@ -124,33 +185,61 @@ def test_float32_sigmoid_gates():
     assert np.max(np.abs(gate[unclamped] - exact[unclamped]) / ulp) <= 2.0
 
 
-def _lstm_step_args(bad: str = ""):
-    """Arguments of lstm_fwd_step for B=2, H=2, with one thing wrong."""
-    a, rec = np.zeros((2, 8)), np.zeros((2, 8))
-    c_prev, c, tanh_c, h = (np.zeros((2, 2)) for _ in range(4))
+def _lstm_forward_args(bad: str = ""):
+    """Arguments of lstm_forward for T=3, B=2, H=2, with one thing wrong."""
+    acts = np.zeros((3, 2, 8))
+    packed = pack_panels(np.zeros((8, 2)))
+    hs, cs, tanh_c = np.zeros((4, 2, 2)), np.zeros((4, 2, 2)), np.zeros((3, 2, 2))
     if bad == "non-contiguous":
-        a = np.zeros((2, 16))[:, ::2]
+        acts = np.zeros((3, 2, 16))[:, :, ::2]
     elif bad == "mixed dtypes":
-        rec = rec.astype(np.float32)
+        packed = packed.astype(np.float32)
     elif bad == "integer":
-        a, rec = np.zeros((2, 8), np.int64), np.zeros((2, 8), np.int64)
+        acts = acts.astype(np.int64)
     elif bad == "shape":
-        c_prev = np.zeros((2, 3))
+        cs = np.zeros((3, 2, 2))
+    elif bad == "packed shape":
+        packed = np.zeros((1, 3, PANEL))
     elif bad == "read-only output":
-        h = np.broadcast_to(np.zeros(2), (2, 2))
-    return a, rec, c_prev, c, tanh_c, h
+        hs = np.broadcast_to(np.zeros(2), (4, 2, 2))
+    elif bad == "overlap":
+        cs = hs
+    return acts, packed, hs, cs, tanh_c
 
 
 @needs_ext
 @pytest.mark.parametrize(
-    "bad", ["non-contiguous", "mixed dtypes", "integer", "shape", "read-only output"]
+    "bad",
+    ["non-contiguous", "mixed dtypes", "integer", "shape", "packed shape", "read-only output",
+     "overlap"],
 )
 def test_kernels_reject_bad_arrays(bad):
-    _fused.lstm_fwd_step(*_lstm_step_args())  # the unspoiled arguments are fine
+    _fused.lstm_forward(*_lstm_forward_args())  # the unspoiled arguments are fine
     with pytest.raises(ValueError):
-        _fused.lstm_fwd_step(*_lstm_step_args(bad))
+        _fused.lstm_forward(*_lstm_forward_args(bad))
     with pytest.raises(TypeError):
-        _fused.lstm_fwd_step(*_lstm_step_args()[:2])
+        _fused.lstm_forward(*_lstm_forward_args()[:2])
+
+
+@needs_ext
+def test_gemm_rejects_bad_arrays():
+    a, c = np.zeros((3, 4), np.float32), np.zeros((3, 5), np.float32)
+    packed = pack_panels(np.zeros((5, 4), np.float32))
+    _fused.gemm(a, packed, c, False)
+    for args in [
+        (a, pack_panels(np.zeros((5, 3), np.float32)), c),  # K differs
+        (a, packed, np.zeros((3, 17), np.float32)),  # N needs two panels
+        (a.astype(np.float64), packed, c),  # mixed dtypes
+        (a, packed, np.zeros((2, 5), np.float32)),  # M differs
+        (a, packed, c[:, ::2]),  # non-contiguous output
+    ]:
+        with pytest.raises(ValueError):
+            _fused.gemm(*args, False)
+    square = np.zeros((3, 3), np.float32)
+    with pytest.raises(ValueError):  # the output is also the input
+        _fused.gemm(square, pack_panels(square), square, True)
+    with pytest.raises(ValueError):
+        _fused.set_gemm("no-such-gemm")
 
 
 def test_env_var_switches_the_kernels_off():

@@ -169,17 +169,18 @@ def train_rows(run_dir: Path) -> list[dict]:
 # -- straight reference runs -----------------------------------------------------------------
 
 
-def straight_run(shared, cell: str) -> Path:
+def straight_run(shared, cell: str, steps: int = 16) -> Path:
     """The run directory of an uninterrupted subprocess run of the kill config for `cell`."""
-    if cell not in shared["straight"]:
-        run_dir = shared["root"] / f"straight-{cell}"
+    if (cell, steps) not in shared["straight"]:
+        run_dir = shared["root"] / f"straight-{cell}-{steps}"
         model = {"cell": cell, "hidden_size": KILL_HIDDEN[cell]}
-        cfg = write_config(shared["root"] / f"straight-{cell}.yaml",
-                           config_dict(shared["corpus"], run_dir, model=model))
+        cfg = write_config(shared["root"] / f"straight-{cell}-{steps}.yaml",
+                           config_dict(shared["corpus"], run_dir, model=model,
+                                       train={"max_steps": steps}))
         r = run_cli(shared["env"], "train", "--config", cfg)
         assert r.returncode == 0, r.stderr
-        shared["straight"][cell] = run_dir
-    return shared["straight"][cell]
+        shared["straight"][cell, steps] = run_dir
+    return shared["straight"][cell, steps]
 
 
 # -- 1. kill at any moment ---------------------------------------------------------------------
@@ -270,6 +271,8 @@ def _check_after_sigkill(run_dir: Path, pids: list[int]) -> list[Path]:
 # hidden sizes that make each checkpoint (weights and Adam moments) about 4 MB: a write
 # takes long enough for a kill to land inside it
 KILL_HIDDEN = {"rnn": 320, "lstm": 160, "gru": 192}
+# enough steps that a run outlasts the "startup" kill's random delay (up to 0.8 s)
+KILL_STEPS = 48
 KILL_PLANS = {
     # cell: where each of the successive runs is SIGKILLed; then a final --resume finishes
     "rnn": ["config", "startup", "write", "steps"],
@@ -287,8 +290,9 @@ def test_sigkill_anywhere_then_resume_finishes_bit_exact(shared, tmp_path, cell)
     rng = random.Random(f"kill-{cell}")
     run_dir = tmp_path / "run"
     cfg = write_config(tmp_path / "kill.yaml", config_dict(
-        shared["corpus"], run_dir, model={"cell": cell, "hidden_size": KILL_HIDDEN[cell]}))
-    reference = straight_run(shared, cell)
+        shared["corpus"], run_dir, model={"cell": cell, "hidden_size": KILL_HIDDEN[cell]},
+        train={"max_steps": KILL_STEPS}))
+    reference = straight_run(shared, cell, KILL_STEPS)
     seen_stale: list[str] = []
     pids: list[int] = []
     lock_left = False
@@ -309,16 +313,16 @@ def test_sigkill_anywhere_then_resume_finishes_bit_exact(shared, tmp_path, cell)
 
     final = Child(shared["env"], tmp_path / "final.log", *args)
     assert final.finish() == 0, final.stderr
-    assert ckpt_steps(run_dir) == [15, 16]
+    assert ckpt_steps(run_dir) == [KILL_STEPS - 1, KILL_STEPS]
     assert not temps(run_dir), "stale temporary files were not cleaned up"
     assert not (run_dir / ".lock").exists()
     assert lock_left, "no SIGKILL left a stale lock behind: the takeover went untested"
     assert_run_dir_loads(run_dir)
-    assert_same_tensors(run_dir / "ckpt-00000016.safetensors",
-                        reference / "ckpt-00000016.safetensors")
+    last = f"ckpt-{KILL_STEPS:08d}.safetensors"
+    assert_same_tensors(run_dir / last, reference / last)
     # metrics.jsonl: each step exactly once, the same numbers as the straight run
     assert timeless_rows(run_dir) == timeless_rows(reference)
-    assert [r["step"] for r in train_rows(run_dir)] == list(range(1, 17))
+    assert [r["step"] for r in train_rows(run_dir)] == list(range(1, KILL_STEPS + 1))
     # the kills timed by a checkpoint temp file appearing left one at least behind
     assert any(".safetensors." in name for name in seen_stale), "no kill mid-write"
     print(f"{cell}: stale temp files left by SIGKILL and cleaned on resume: {seen_stale}")

@@ -1,0 +1,80 @@
+"""All cores on one batch: its independent streams split into groups, a thread each.
+
+The streams (columns) of a batch never interact: each carries its own hidden state, and the
+loss is a sum over them.  So a batch is cut into one contiguous group of streams per thread,
+and each group is run by its own replica of the model (the weights shared, the work buffers
+its own) on its own thread:
+
+    streams   0 . . . . . . . . . . B/2 . . . . . . . . . . B
+              [       group 0        |       group 1        ]
+    thread         the caller               the pool
+    result    loss_0, grads_0, state_0   loss_1, grads_1, state_1
+              -> loss_0 + loss_1,  grads_0 + grads_1,  [state_0; state_1]
+
+The compiled loops release the GIL, and so do numpy's GEMMs and large ufuncs, so the groups
+really run at the same time; each thread calls BLAS single-threaded (charrnn.blas), so that
+the threads do not fight over the cores.  Results are combined in group order, so they do not
+depend on the threads' timing; they depend on the number of groups by float rounding only.
+
+The number of threads is CHARRNN_THREADS where set, else the number of cores this process may
+run on; one where BLAS's own thread count cannot be set.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, wait
+from functools import cache
+from typing import TypeVar
+
+from . import blas
+from .errors import ConfigError
+
+R = TypeVar("R")
+
+
+def available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def thread_count() -> int:
+    """Threads to run a batch on: CHARRNN_THREADS, else the available cores."""
+    value = os.environ.get("CHARRNN_THREADS", "").strip()
+    if not value:
+        return available_cores()
+    if not value.isdigit() or int(value) < 1:
+        raise ConfigError(f"CHARRNN_THREADS must be a whole number >= 1, not {value!r}")
+    return int(value)
+
+
+def stream_groups(batch_size: int, threads: int | None = None) -> list[slice]:
+    """The batch's streams 0..batch_size-1 cut into contiguous groups, one per thread
+    (`threads`, default thread_count(); one without a BLAS whose thread count can be set),
+    as equal as they come."""
+    n = thread_count() if threads is None else threads
+    n = max(1, min(n if blas.controllable() else 1, batch_size))
+    return [slice(batch_size * i // n, batch_size * (i + 1) // n) for i in range(n)]
+
+
+@cache
+def _pool() -> ThreadPoolExecutor:
+    # threads are started as they are first needed, and reused
+    return ThreadPoolExecutor(max_workers=64, thread_name_prefix="charrnn")
+
+
+def run_groups(fn: Callable[[int], R], n: int) -> list[R]:
+    """[fn(0), ..., fn(n-1)], each call on its own thread (the first on the caller's), with
+    BLAS single-threaded meanwhile. Waits for every call before it returns or raises."""
+    if n == 1:
+        return [fn(0)]
+    with blas.single_threaded():
+        futures = [_pool().submit(fn, g) for g in range(1, n)]
+        try:
+            first = fn(0)
+        finally:
+            wait(futures)
+        return [first, *(f.result() for f in futures)]

@@ -1,0 +1,149 @@
+"""A batch split into stream groups on threads computes what one pass over the batch does."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import charrnn.parallel as parallel
+from charrnn import blas
+from charrnn.cli import cli
+from charrnn.errors import ConfigError
+from charrnn.model import CharRNN, ModelShape
+
+pytestmark = pytest.mark.usefixtures("both_paths")  # compiled kernels and numpy
+
+V, T, B = 11, 7, 5
+
+
+def _model(cell: str, dropout: float = 0.0) -> CharRNN:
+    shape = ModelShape(cell, V, hidden_size=20, num_layers=2, embedding_size=6, dropout=dropout)
+    model = CharRNN.create(shape, seed=5, dtype="float64")
+    rng = np.random.default_rng(6)
+    for p in model.params.values():  # larger weights: a carried state that matters
+        p += 0.3 * rng.standard_normal(p.shape)
+    return model
+
+
+def _window(model: CharRNN, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    x, y = rng.integers(0, V, (T, B)), rng.integers(0, V, (T, B))
+    state = [tuple(rng.standard_normal((B, 20)) for _ in layer) for layer in model.zero_state(B)]
+    dstate = [tuple(rng.standard_normal((B, 20)) for _ in layer) for layer in state]
+    return x, y, state, dstate
+
+
+@pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
+def test_loss_and_grads_split_over_threads_equals_one_group(cell, monkeypatch) -> None:
+    """1, 2, 3 and 5 groups (B = 5): the same loss, every gradient, the same final state;
+    with dropout masks and a gradient arriving on the final state."""
+    results = {}
+    for threads in (1, 2, 3, 5):
+        monkeypatch.setenv("CHARRNN_THREADS", str(threads))
+        model = _model(cell, dropout=0.3)
+        x, y, state, dstate = _window(model)
+        masks = model.dropout_masks(np.random.default_rng(7), B)
+        results[threads] = model.loss_and_grads(x, y, state, masks, dstate)
+        assert len(model._replicas) == threads
+    loss1, grads1, state1 = results[1]
+    for threads in (2, 3, 5):
+        loss, grads, new_state = results[threads]
+        assert loss == pytest.approx(loss1, rel=1e-13)
+        assert grads.keys() == grads1.keys()
+        for k in grads:
+            np.testing.assert_allclose(grads[k], grads1[k], rtol=1e-11, atol=1e-13, err_msg=k)
+        for layer, layer1 in zip(new_state, state1, strict=True):
+            for s, s1 in zip(layer, layer1, strict=True):
+                assert s.shape == (B, 20) and s.flags.c_contiguous
+                np.testing.assert_allclose(s, s1, rtol=1e-13, atol=1e-15)
+
+
+def test_replicas_share_the_weights(monkeypatch) -> None:
+    """An update to the model's parameters (the optimizer's, in place) reaches every group."""
+    monkeypatch.setenv("CHARRNN_THREADS", "2")
+    model = _model("lstm")
+    x, y, state, _ = _window(model)
+    before = model.loss_and_grads(x, y, state)[0]
+    for p in model.params.values():
+        p *= 0.5
+    after = model.loss_and_grads(x, y, state)[0]
+    monkeypatch.setenv("CHARRNN_THREADS", "1")
+    alone = CharRNN(model.shape, {k: v.copy() for k, v in model.params.items()})
+    assert after != before
+    assert after == pytest.approx(alone.loss_and_grads(x, y, state)[0], rel=1e-13)
+
+
+def test_stream_groups_cover_the_batch_in_order() -> None:
+    for batch in (1, 2, 5, 32, 33):
+        for threads in (1, 2, 3, 8):
+            groups = parallel.stream_groups(batch, threads)
+            assert len(groups) == min(batch, threads)
+            assert [i for g in groups for i in range(batch)[g]] == list(range(batch))
+            sizes = [g.stop - g.start for g in groups]
+            assert max(sizes) - min(sizes) <= 1
+
+
+def test_one_group_without_a_controllable_blas(monkeypatch) -> None:
+    monkeypatch.setattr(blas, "_openblas", lambda: None)
+    assert parallel.stream_groups(32, 4) == [slice(0, 32)]
+
+
+@pytest.mark.parametrize("value, expected", [("", None), ("1", 1), ("3", 3), (" 2 ", 2)])
+def test_thread_count_from_the_environment(value, expected, monkeypatch) -> None:
+    monkeypatch.setenv("CHARRNN_THREADS", value)
+    assert parallel.thread_count() == (expected or parallel.available_cores())
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "two", "1.5"])
+def test_a_bad_thread_count_is_refused(value, monkeypatch) -> None:
+    monkeypatch.setenv("CHARRNN_THREADS", value)
+    with pytest.raises(ConfigError, match="CHARRNN_THREADS"):
+        parallel.thread_count()
+    result = CliRunner().invoke(cli, ["info", "nothing.safetensors"])
+    assert result.exit_code == 2
+    assert result.output.strip() == (
+        f"Error: CHARRNN_THREADS must be a whole number >= 1, not {value!r}"
+    )
+
+
+def test_run_groups_runs_every_group_on_its_own_thread_in_order() -> None:
+    started = threading.Barrier(3, timeout=10)  # all three at once, or this times out
+
+    def fn(g: int) -> tuple[int, str]:
+        started.wait()
+        return g, threading.current_thread().name
+
+    results = parallel.run_groups(fn, 3)
+    assert [g for g, _ in results] == [0, 1, 2]
+    assert results[0][1] == threading.current_thread().name
+    assert len({name for _, name in results}) == 3
+
+
+def test_run_groups_waits_for_every_group_then_raises() -> None:
+    finished = []
+
+    def fn(g: int) -> int:
+        if g == 0:
+            raise ValueError("group 0 failed")
+        threading.Event().wait(0.2)
+        finished.append(g)
+        return g
+
+    with pytest.raises(ValueError, match="group 0 failed"):
+        parallel.run_groups(fn, 3)
+    assert sorted(finished) == [1, 2]
+
+
+@pytest.mark.skipif(not blas.controllable(), reason="numpy's BLAS is not OpenBLAS")
+def test_blas_is_single_threaded_inside_and_restored_after() -> None:
+    get, set_ = blas._openblas()
+    before = get()
+    set_(2)
+    try:
+        inside = parallel.run_groups(lambda g: get(), 2)
+        assert inside == [1, 1] and get() == 2
+    finally:
+        set_(before)
