@@ -807,6 +807,32 @@ WRAPPER(rnn_forward, 1, ARGS3, {"xproj", 1, "TBG"}, {"packed", 0, "gHP"}, {"hs",
 WRAPPER(rnn_backward, 1, ARGS4,
         {"dhs", 0, "TBH"}, {"packed", 0, "hGP"}, {"dh", 1, "BH"}, {"dpre", 1, "TBG"})
 
+/* One step's elementwise work alone, for generation (charrnn.model.Stepper), where the
+ * recurrent product of a single row is numpy's: lstm_step(a, c_prev, c, tanh_c, h) and
+ * rnn_step(a, h) take the pre-activations with that product already added, gru_step(a, rec,
+ * b_hn, h_prev, hn, h) takes it apart, as the window loops above do. */
+#define lstm_step_float lstm_fwd_step_float
+#define lstm_step_double lstm_fwd_step_double
+#define gru_step_float gru_fwd_step_float
+#define gru_step_double gru_fwd_step_double
+#define DEFINE_RNN_STEP(real)                                                               \
+    static void rnn_step_##real(Py_ssize_t B, Py_ssize_t H, const real *a, real *h)         \
+    {                                                                                       \
+        rnn_fwd_step_##real(B * H, a, h);                                                   \
+    }
+DEFINE_RNN_STEP(float)
+DEFINE_RNN_STEP(double)
+#define STEP_ARGS2(R) (x.B, x.H, ARG(R, 0), ARG(R, 1))
+#define STEP_ARGS5(R) (x.B, x.H, ARG(R, 0), ARG(R, 1), ARG(R, 2), ARG(R, 3), ARG(R, 4))
+#define STEP_ARGS6(R) \
+    (x.B, x.H, ARG(R, 0), ARG(R, 1), ARG(R, 2), ARG(R, 3), ARG(R, 4), ARG(R, 5))
+WRAPPER(lstm_step, 4, STEP_ARGS5,
+        {"a", 1, "BG"}, {"c_prev", 0, "BH"}, {"c", 1, "BH"}, {"tanh_c", 1, "BH"}, {"h", 1, "BH"})
+WRAPPER(gru_step, 3, STEP_ARGS6,
+        {"a", 1, "BG"}, {"rec", 0, "BG"}, {"b_hn", 0, "H"}, {"h_prev", 0, "BH"},
+        {"hn", 1, "BH"}, {"h", 1, "BH"})
+WRAPPER(rnn_step, 1, STEP_ARGS2, {"a", 0, "BG"}, {"h", 1, "BH"})
+
 /* gemm(a (M, K), packed (panels(N), K, PANEL), c (M, N), accumulate) */
 static PyObject *py_gemm(PyObject *self, PyObject *args)
 {
@@ -900,6 +926,11 @@ static PyMethodDef methods[] = {
      "rnn_forward(xproj, packed, hs): the tanh RNN forward loop of a window."},
     {"rnn_backward", py_rnn_backward, METH_VARARGS,
      "rnn_backward(dhs, packed, dh, dpre): the tanh RNN backward loop of a window."},
+    {"lstm_step", py_lstm_step, METH_VARARGS,
+     "lstm_step(a, c_prev, c, tanh_c, h): one LSTM step's elementwise work."},
+    {"gru_step", py_gru_step, METH_VARARGS,
+     "gru_step(a, rec, b_hn, h_prev, hn, h): one GRU step's elementwise work."},
+    {"rnn_step", py_rnn_step, METH_VARARGS, "rnn_step(a, h): h = tanh(a)."},
     {"gemm", py_gemm, METH_VARARGS,
      "gemm(a, packed, c, accumulate): c = a @ W.T, or c += a @ W.T, packed = pack_panels(W)."},
     {"set_gemm", py_set_gemm, METH_VARARGS,

@@ -71,9 +71,9 @@ def accelerated() -> bool:
     return _fused is not None
 
 
-def _kernels(*window_arrays: np.ndarray):
+def kernels(*arrays: np.ndarray):
     """The compiled kernels, or None to use numpy: off, or a caller's array they can't take."""
-    if _fused is None or not all(a.flags.c_contiguous for a in window_arrays):
+    if _fused is None or not all(a.flags.c_contiguous for a in arrays):
         return None
     return _fused
 
@@ -102,7 +102,7 @@ def project(x: np.ndarray, W: np.ndarray, b: np.ndarray, out: np.ndarray, packed
     when the kernels run)."""
     rows = out.reshape(-1, out.shape[-1])  # (T*B, N)
     x2 = x.reshape(len(rows), -1)  # (T*B, K)
-    if fused := _kernels(x2, rows):
+    if fused := kernels(x2, rows):
         rows[...] = b
         fused.gemm(x2, pack_panels(W) if packed is None else packed, rows, True)
     else:
@@ -126,7 +126,7 @@ def rnn_forward(xproj, state: State, W_rec, b_hh, ws: Workspace, packed=None):
     T, B, H = xproj.shape
     hs = buffer(ws, "hs", (T + 1, B, H), xproj.dtype)  # (T+1, B, H)
     hs[0] = state[0]
-    if fused := _kernels(xproj):  # the loop below, compiled
+    if fused := kernels(xproj):  # the loop below, compiled
         packed = pack_panels(W_rec, ws) if packed is None else packed
         fused.rnn_forward(xproj, packed, hs)
         return hs, (hs[T].copy(),), {"hs": hs}
@@ -147,7 +147,7 @@ def rnn_backward(dhs, dstate: State, cache: dict[str, Any], W_hh, ws: Workspace)
     np.subtract(1.0, dpre, out=dpre)
     dh = buffer(ws, "dh", (B, H), dhs.dtype)
     dh[...] = dstate[0]
-    if fused := _kernels(dhs):  # the loop below, compiled
+    if fused := kernels(dhs):  # the loop below, compiled
         fused.rnn_backward(dhs, pack_panels(W_hh.T, ws), dh, dpre)
     else:
         for t in range(T - 1, -1, -1):
@@ -192,7 +192,7 @@ def lstm_forward(xproj, state: State, W_rec, b_hh, ws: Workspace, packed=None):
     tanh_c = buffer(ws, "tanh_c", (T, B, H), dt)  # (T, B, H)
     hs[0], cs[0] = state
     cache = {"hs": hs, "cs": cs, "tanh_c": tanh_c, "acts": acts}
-    if fused := _kernels(xproj):  # the loop below, compiled
+    if fused := kernels(xproj):  # the loop below, compiled
         packed = pack_panels(W_rec, ws) if packed is None else packed
         fused.lstm_forward(acts, packed, hs, cs, tanh_c)
         return hs, (hs[T].copy(), cs[T].copy()), cache
@@ -224,7 +224,7 @@ def lstm_backward(dhs, dstate: State, cache: dict[str, Any], W_hh, ws: Workspace
     dc = buffer(ws, "dc", (B, H), dt)
     dh[...] = dstate[0]
     dc[...] = dstate[1]
-    if fused := _kernels(dhs):
+    if fused := kernels(dhs):
         # the loop below, compiled; it computes the gate derivatives from the activations
         # as it goes: the same values as the numpy path's window factors
         fused.lstm_backward(dhs, acts, cs, tanh_c, pack_panels(W_hh.T, ws), dh, dc, dpre)
@@ -286,7 +286,7 @@ def gru_forward(xproj, state: State, W_rec, b_hh, ws: Workspace, packed=None):
     b_hn = b_hh[2 * H :]
     hs[0] = state[0]
     cache = {"hs": hs, "hn": hn, "acts": acts}
-    if fused := _kernels(xproj, b_hn):  # the loop below, compiled
+    if fused := kernels(xproj, b_hn):  # the loop below, compiled
         packed = pack_panels(W_rec, ws) if packed is None else packed
         fused.gru_forward(acts, packed, b_hn, hs, hn, rec)
         return hs, (hs[T].copy(),), cache
@@ -340,7 +340,7 @@ def gru_backward(dhs, dstate: State, cache: dict[str, Any], W_hh, ws: Workspace)
     dh = buffer(ws, "dh", (B, H), dt)
     tmp = buffer(ws, "tmp", (B, H), dt)
     dh[...] = dstate[0]
-    if fused := _kernels(dhs):  # the loop below, compiled
+    if fused := kernels(dhs):  # the loop below, compiled
         fused.gru_backward(dhs, acts, f_z, f_r, pack_panels(W_hh.T, ws), dh, dn_pre, drec)
     else:
         for t in range(T - 1, -1, -1):

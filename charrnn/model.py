@@ -32,6 +32,7 @@ from .cells import (
     accelerated,
     buffer,
     gate_scale,
+    kernels,
     pack_panels,
     project,
 )
@@ -406,29 +407,28 @@ class Stepper:
 
     - layer 0's input projection for every character, E @ W_ih.T + b_ih (+ b_hh), is a
       (V, G*H) table, so a step starts with a row lookup instead of a GEMM;
-    - the recurrent (and, above layer 0, the input) weights are transposed and contiguous;
-    - the LSTM's sigmoid gates use the same scaled-tanh form as the training path.
+    - the weights are in the forward loop's form (`Cell.input_weights`, `recurrent_weights`),
+      the sigmoid gates as scaled tanh like the training path;
+    - a step's elementwise work is one call to the compiled kernel of charrnn/_fused.c where
+      it is built (the numpy lines beside it are the reference), and its matrix products
+      numpy's, whose BLAS spreads even a single row's product over the cores.
 
     The weights are copied: changing the model's parameters afterwards needs a new Stepper.
     """
 
     def __init__(self, model: CharRNN):
         p, shape = model.params, model.shape
-        self.model = model
         self.cell = shape.cell
-        H = shape.hidden_size
-        L = shape.num_layers
+        self.H = H = shape.hidden_size
         self.table = model.input_table()  # (V, G)
-        layers = [model._layer_weights(k) for k in range(L)]
-        self.W_ih_T = [np.ascontiguousarray(W.T) for W, _, _ in layers]  # (I, G), [0] unused
-        self.b_in = [b for _, b, _ in layers]
-        self.W_hh_T = [np.ascontiguousarray(W.T) for _, _, W in layers]  # (H, G)
+        layers = [model._layer_weights(k) for k in range(shape.num_layers)]
+        self.W_in = [W for W, _, _ in layers]  # (G, I) each, [0] unused
+        self.b_in = [b for _, b, _ in layers]  # (G,)
+        self.W_rec = [W for _, _, W in layers]  # (G, H)
         self.scale = gate_scale(model.cell, H, model.dtype)  # (G,)
         self.shift = 1.0 - self.scale
-        self.b_hn = [p[f"rnn.bias_hh_l{k}"][2 * H :] for k in range(L)]
-        self.head_T = np.ascontiguousarray(p["head.weight"].T)  # (H, V)
-        self.head_b = p["head.bias"]
-        self.H = H
+        self.b_hn = [p[f"rnn.bias_hh_l{k}"][2 * H :] for k in range(shape.num_layers)]
+        self.head_W, self.head_b = p["head.weight"], p["head.bias"]  # (V, H), (V,)
 
     def step(self, ids: np.ndarray, state: list[State]) -> tuple[np.ndarray, list[State]]:
         """ids (B,) -> logits (B, V), next state (new arrays; `state` is not modified)."""
@@ -436,19 +436,30 @@ class Stepper:
         new_state: list[State] = []
         inp = None
         for k, layer in enumerate(state):
+            fused = kernels(*layer)
             if k == 0:
                 xg = self.table[ids]  # (B, G)
             else:
-                xg = inp @ self.W_ih_T[k]
+                xg = inp @ self.W_in[k].T  # (B, G)
                 xg += self.b_in[k]
             h = layer[0]
-            rec = h @ self.W_hh_T[k]  # (B, G)
+            rec = h @ self.W_rec[k].T  # (B, G)
             if self.cell == "rnn":
                 xg += rec
-                h = np.tanh(xg, out=xg)
+                if fused:  # the line below
+                    h = np.empty_like(h)
+                    fused.rnn_step(xg, h)
+                else:
+                    h = np.tanh(xg, out=xg)
                 new_state.append((h,))
             elif self.cell == "lstm":
                 xg += rec
+                if fused:  # the lines below in one pass
+                    h, c, tanh_c = np.empty_like(h), np.empty_like(h), np.empty_like(h)
+                    fused.lstm_step(xg, layer[1], c, tanh_c, h)
+                    new_state.append((h, c))
+                    inp = h
+                    continue
                 np.tanh(xg, out=xg)
                 xg *= self.scale
                 xg += self.shift
@@ -459,6 +470,12 @@ class Stepper:
                 h *= o
                 new_state.append((h, c))
             else:  # gru
+                if fused:  # the lines below in one pass
+                    h_new, hn = np.empty_like(h), np.empty_like(h)
+                    fused.gru_step(xg, rec, self.b_hn[k], h, hn, h_new)
+                    new_state.append((h_new,))
+                    inp = h_new
+                    continue
                 rz = xg[:, : 2 * H]
                 rz += rec[:, : 2 * H]
                 np.tanh(rz, out=rz)
@@ -476,6 +493,6 @@ class Stepper:
                 h = h_new
                 new_state.append((h,))
             inp = h
-        logits = inp @ self.head_T  # (B, V)
+        logits = inp @ self.head_W.T  # (B, V)
         logits += self.head_b
         return logits, new_state

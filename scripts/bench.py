@@ -30,8 +30,11 @@ What is measured, for each config (vocab 65, embedding 64, Adam lr 2e-3, clip 5)
   are compared, as a check that the two really compute the same thing.
 * GFLOP/s: training FLOPs counted analytically per character, 3x the forward's
   (the backward costs about 2x the forward: input and weight gradients). Per layer the
-  forward is 2 (I G H + H G H) with G gates and I its input width, the head 2 H V. The
-  GEMM peak is the best of a few float32 2048 x 2048 x 2048 np.matmul in the same run.
+  forward is 2 (I G H + H G H) with G gates and I its input width, the head 2 H V: the
+  model's FLOPs as PyTorch computes them, for both frameworks (charrnn skips layer 0's
+  input GEMM, a row gather from a (vocab x gates) table: about 1% of lstm-512's FLOPs, so
+  its figure slightly overstates the arithmetic it does). The GEMM peak is the best of a
+  few float32 2048 x 2048 x 2048 np.matmul in the same run.
 * Peak memory: each framework trains each config alone in a child process
   (`bench.py --child charrnn|torch`), which loads its imports and the data, builds the
   initial weights, returns freed heap to the OS (glibc malloc_trim), takes its resident
@@ -43,20 +46,24 @@ What is measured, for each config (vocab 65, embedding 64, Adam lr 2e-3, clip 5)
   at the same time (memory does not depend on speed). charrnn's peak is reached in the
   first step; PyTorch's creeps up for a few steps more (its allocator), so --quick
   understates it a little.
-* Evaluation: forward only over the corpus's last characters in windows of batch 32 x
+* Evaluation: forward only over the corpus's last characters in windows of batch 64 x
   seq 256 with the state carried (charrnn.evaluate.score; PyTorch under
   torch.inference_mode() with the same windows), both from the same initial weights;
   their bits per char are compared as a check.
 * Sampling: chars/s generating at temperature 1 with one stream and with 32 streams at
   once (charrnn.sample.generate; PyTorch: a loop of one model step, softmax and
   torch.multinomial under torch.inference_mode()).
-* --profile adds where charrnn's training step goes: its time per phase (forward, loss,
-  backward, clip, Adam) next to the time its GEMMs alone take when replayed on arrays of
-  the same shapes (the step-by-step recurrent products, B rows each, and the window-wide
-  ones over T*B rows); the rest is elementwise work and Python overhead.
+* --profile adds where charrnn's training step goes: the whole step (split over the
+  threads, then clip and Adam), and what one thread does in it, timed alone: forward, loss
+  and backward of its group of streams; of those, the recurrent loops (each step's packed
+  GEMM and gate arithmetic), next to those loops' GEMMs alone; the rest is window-wide
+  work (input projections, the head, weight gradients).
 
-Both frameworks use all the cores this process may run on: torch.set_num_threads(cores)
-and numpy's BLAS at its default (every core). PyTorch runs with its defaults (oneDNN on);
+Both frameworks use all the cores this process may run on: torch.set_num_threads(cores);
+charrnn splits each batch's streams over one thread per core (charrnn.parallel), each
+calling BLAS single-threaded, and samples with numpy's BLAS at its default (every core).
+Set CHARRNN_ACCEL=0 to measure charrnn's pure-numpy path instead of its compiled loops.
+PyTorch runs with its defaults (oneDNN on);
 --no-mkldnn turns oneDNN off, for comparison. Each timed block starts after a 0.2 s
 pause, so that the threads of the framework that ran last have stopped spinning. The data
 is ../shared/data/tinyshakespeare.txt relative to the repository, or --data PATH; when
@@ -84,10 +91,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 import charrnn
+from charrnn import blas, cells
+from charrnn.cells import accelerated, pack_panels
 from charrnn.data import WindowStream
 from charrnn.evaluate import EVAL_BATCH, EVAL_SEQ, score
 from charrnn.model import CharRNN, ModelShape, cross_entropy_
 from charrnn.optim import Optimizer, clip_by_global_norm_
+from charrnn.parallel import stream_groups
 from charrnn.sample import generate
 from charrnn.vocab import Vocab
 
@@ -184,6 +194,13 @@ def numpy_blas() -> str:
         return f"{blas['name']} {blas.get('version', '')}".strip()
     except Exception:  # older numpy: no dict mode
         return "unknown"
+
+
+def charrnn_path() -> str:
+    """Which of charrnn's code paths runs: the compiled loops (and their GEMM) or numpy."""
+    if not accelerated():
+        return "pure numpy"
+    return f"compiled loops, {cells.kernels().gemm_name()} GEMM"
 
 
 def load_data(path: Path | None) -> tuple[np.ndarray, int, str]:
@@ -595,111 +612,147 @@ def bench_sampling(cfg: Config, ids: np.ndarray, vocab: int, plan: Plan) -> dict
 # -- charrnn's own profile (--profile) ----------------------------------------------------
 
 
-def gemm_replay(cfg: Config, vocab: int, reps: int = 3) -> dict[str, dict[str, float]]:
-    """The GEMMs of one charrnn training step alone, replayed on random float32 arrays of
-    the same shapes: what a step would cost if everything else were free.
+def _timed(fn: Callable, totals: dict[str, float], key: str) -> Callable:
+    """`fn`, its time added to totals[key] at each call."""
 
-    "recurrent": the 2T small products with W_hh per layer (forward h @ W_hh.T, backward
-    dpre @ W_hh), B rows each; "window": the products done once per window over T*B rows
-    (input projections, weight gradients, input gradients, the head)."""
-    shape = cfg.shape(vocab)
-    H, V, E, L = shape.hidden_size, shape.vocab_size, shape.embedding_size, shape.num_layers
-    G, B, TB = GATES[cfg.cell] * H, cfg.batch, cfg.batch * cfg.seq
+    def timed_fn(*args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            totals[key] += time.perf_counter() - t0
+
+    return timed_fn
+
+
+def recurrent_gemms_alone(cfg: Config, vocab: int, streams: int, reps: int = 3) -> dict:
+    """The recurrent products of one group's window alone, on random float32 arrays: per
+    layer T forward (h @ W_rec.T) and T backward (dpre @ W_hh) products of `streams` rows,
+    with the compiled packed GEMM (numpy's without the extension), BLAS single-threaded."""
+    H, T, B = cfg.hidden, cfg.seq, streams
+    G = GATES[cfg.cell] * H
     rng = np.random.default_rng(0)
+    h, d = rng.standard_normal((B, H), np.float32), rng.standard_normal((B, G), np.float32)
+    W = rng.standard_normal((G, H), np.float32)
+    rec, dh = np.empty((B, G), np.float32), np.empty((B, H), np.float32)
+    if accelerated():
+        fused = cells.kernels()
+        fwd, bwd = pack_panels(W), pack_panels(W.T)
 
-    def arr(*shp: int) -> np.ndarray:
-        return rng.standard_normal(shp).astype(np.float32)
+        def run() -> None:
+            for _ in range(cfg.layers * T):
+                fused.gemm(h, fwd, rec, True)
+                fused.gemm(d, bwd, dh, False)
+    else:
 
-    ops: dict[str, list[tuple[np.ndarray, np.ndarray, np.ndarray, int]]] = {
-        "recurrent": [],
-        "window": [],
-    }  # (a, b, out, times per step)
-    for k in range(L):
-        width = E if k == 0 else H
-        W_ih, W_hh, X, Hs, dXp = arr(G, width), arr(G, H), arr(TB, width), arr(TB, H), arr(TB, G)
-        ops["window"] += [
-            (X, W_ih.T, np.empty((TB, G), np.float32), 1),  # input projection
-            (dXp.T, X, np.empty((G, width), np.float32), 1),  # dW_ih
-            (dXp.T, Hs, np.empty((G, H), np.float32), 1),  # dW_hh
-            (dXp, W_ih, np.empty((TB, width), np.float32), 1),  # d input
-        ]
-        ops["recurrent"] += [
-            (arr(B, H), W_hh.T, np.empty((B, G), np.float32), cfg.seq),  # forward
-            (arr(B, G), W_hh, np.empty((B, H), np.float32), cfg.seq),  # backward
-        ]
-    W_head, top, dlogits = arr(V, H), arr(TB, H), arr(TB, V)
-    ops["window"] += [
-        (top, W_head.T, np.empty((TB, V), np.float32), 1),  # logits
-        (dlogits.T, top, np.empty((V, H), np.float32), 1),  # dW_head
-        (dlogits, W_head, np.empty((TB, H), np.float32), 1),  # d top
-    ]
-    out: dict[str, dict[str, float]] = {}
-    for group, items in ops.items():
+        def run() -> None:
+            for _ in range(cfg.layers * T):
+                np.matmul(h, W.T, out=rec)
+                np.matmul(d, W, out=dh)
 
-        def run(items=items) -> None:
-            for a, b, c, n in items:
-                for _ in range(n):
-                    np.matmul(a, b, out=c)
-
+    with blas.single_threaded():
         run()
         secs = min(timed(run, settle=False) for _ in range(reps))
-        flops = sum(2.0 * a.shape[0] * a.shape[1] * b.shape[1] * n for a, b, _, n in items)
-        out[group] = {"ms": 1e3 * secs, "gflops": flops / secs / 1e9}
-    return out
+    return {"ms": 1e3 * secs, "gflops": 4.0 * cfg.layers * T * B * G * H / secs / 1e9}
 
 
 def profile_charrnn(cfg: Config, train_ids: np.ndarray, vocab: int, steps: int) -> dict:
-    """charrnn's time per phase of a training step (forward, loss, backward, clip, Adam),
-    next to the time its GEMMs alone take (gemm_replay)."""
+    """Where charrnn's training step goes: the whole step as training runs it (the batch
+    split over the threads, then clip and Adam); and what one group's thread does in it,
+    timed alone with BLAS single-threaded: forward, loss and backward of its streams, of which
+    the recurrent loops, next to those loops' GEMMs alone (recurrent_gemms_alone)."""
     model = CharRNN.create(cfg.shape(vocab), INIT_SEED)
     stream = WindowStream(train_ids, cfg.batch, cfg.seq)
     opt = Optimizer("adam", model.params)
     state = model.zero_state(cfg.batch)
-    phases = dict.fromkeys(("forward", "loss", "backward", "clip", "adam"), 0.0)
+    whole = dict.fromkeys(("loss_and_grads", "clip", "adam"), 0.0)
 
     def one_step() -> None:
         nonlocal state
         x, y, _ = stream.next_window()
         t = [time.perf_counter()]
-        logits, state, cache = model.forward(x, state)
-        t.append(time.perf_counter())
-        _, dlogits = cross_entropy_(logits, y.reshape(-1))
-        t.append(time.perf_counter())
-        grads, _ = model.backward(dlogits, cache)
+        _, grads, state = model.loss_and_grads(x, y, state)
         t.append(time.perf_counter())
         clip_by_global_norm_(grads, CLIP)
         t.append(time.perf_counter())
         opt.step(model.params, grads, LR)
         t.append(time.perf_counter())
+        for name, a, b in zip(whole, t, t[1:]):
+            whole[name] += b - a
+
+    one_step()
+    whole = dict.fromkeys(whole, 0.0)
+    for _ in range(steps):
+        one_step()
+
+    groups = stream_groups(cfg.batch)
+    cols = groups[0]
+    replica = CharRNN(model.shape, model.params)
+    # the cells' forward and backward: the recurrent loops, and in backward the weight
+    # gradient sum_t dpre_t^T h_{t-1} (cells._weight_grad), a window-wide GEMM, timed apart
+    totals = {"cells": 0.0, "weight_grad": 0.0}
+    cell = replica.cell
+    replica.cell = cell._replace(forward=_timed(cell.forward, totals, "cells"),
+                                 backward=_timed(cell.backward, totals, "cells"))
+    weight_grad = cells._weight_grad
+    cells._weight_grad = _timed(weight_grad, totals, "weight_grad")
+    group_state = replica.zero_state(cols.stop - cols.start)
+    phases = dict.fromkeys(("forward", "loss", "backward"), 0.0)
+
+    def group_step() -> None:
+        nonlocal group_state
+        x, y, _ = stream.next_window()
+        x, y = x[:, cols], y[:, cols]
+        t = [time.perf_counter()]
+        logits, group_state, cache = replica.forward(x, group_state)
+        t.append(time.perf_counter())
+        _, dlogits = cross_entropy_(logits, y.reshape(-1))
+        t.append(time.perf_counter())
+        replica.backward(dlogits, cache)
+        t.append(time.perf_counter())
         for name, a, b in zip(phases, t, t[1:]):
             phases[name] += b - a
 
-    one_step()
-    phases = dict.fromkeys(phases, 0.0)
-    for _ in range(steps):
-        one_step()
-    result = {f"{k}_ms": 1e3 * v / steps for k, v in phases.items()}
+    try:
+        with blas.single_threaded():
+            group_step()
+            phases = dict.fromkeys(phases, 0.0)
+            totals.update(dict.fromkeys(totals, 0.0))  # in place: the timers hold it
+            for _ in range(steps):
+                group_step()
+    finally:
+        cells._weight_grad = weight_grad
+    result = {f"{k}_ms": 1e3 * v / steps for k, v in whole.items()}
     result["step_ms"] = sum(result.values())
-    result["gemm_replay"] = gemm_replay(cfg, vocab)
+    result["groups"] = len(groups)
+    result["group_streams"] = cols.stop - cols.start
+    result["group"] = {f"{k}_ms": 1e3 * v / steps for k, v in phases.items()}
+    result["group"]["loops_ms"] = 1e3 * (totals["cells"] - totals["weight_grad"]) / steps
+    result["loop_gemms"] = recurrent_gemms_alone(cfg, vocab, cols.stop - cols.start)
     return result
 
 
 def profile_table(profiles: dict[str, dict]) -> str:
     out = [
-        "### charrnn training step, by phase (ms), and its GEMMs alone",
+        "### Where charrnn's training step goes (ms)",
         "",
-        "| config | step | forward | loss | backward | clip | Adam"
-        " | GEMMs alone: recurrent | window-wide | rest (elementwise, overhead) |",
+        "The whole step as training runs it; then what one of its threads does, timed alone:"
+        " forward, loss and backward of its group of streams; of those, the recurrent loops"
+        " (each step's GEMM and gate arithmetic), next to the loops' GEMMs alone; the rest"
+        " is the window-wide work (input projections, head, weight gradients).",
+        "",
+        "| config | step | of which clip + Adam | threads x streams | one thread: forward"
+        " | loss | backward | recurrent loops | their GEMMs alone | window-wide and the rest |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for name, p in profiles.items():
-        rec, win = p["gemm_replay"]["recurrent"], p["gemm_replay"]["window"]
-        rest = p["step_ms"] - rec["ms"] - win["ms"]
+        g, gemms = p["group"], p["loop_gemms"]
+        rest = g["forward_ms"] + g["loss_ms"] + g["backward_ms"] - g["loops_ms"]
         out.append(
-            f"| {name} | {p['step_ms']:.1f} | {p['forward_ms']:.1f} | {p['loss_ms']:.1f}"
-            f" | {p['backward_ms']:.1f} | {p['clip_ms']:.1f} | {p['adam_ms']:.1f}"
-            f" | {rec['ms']:.1f} ({rec['gflops']:.0f} GFLOP/s)"
-            f" | {win['ms']:.1f} ({win['gflops']:.0f} GFLOP/s) | {rest:.1f} |"
+            f"| {name} | {p['step_ms']:.1f} | {p['clip_ms'] + p['adam_ms']:.1f}"
+            f" | {p['groups']} x {p['group_streams']} | {g['forward_ms']:.1f}"
+            f" | {g['loss_ms']:.1f} | {g['backward_ms']:.1f} | {g['loops_ms']:.1f}"
+            f" | {gemms['ms']:.1f} ({gemms['gflops']:.0f} GFLOP/s) | {rest:.1f} |"
         )
     return "\n".join(out)
 
@@ -914,7 +967,8 @@ def main(argv: list[str] | None = None) -> int:
             "blas": numpy_blas(),
             "torch": f"{torch.__version__} ({torch.get_num_threads()} threads,"
             f" oneDNN {'on' if torch.backends.mkldnn.enabled else 'off'})",
-            "charrnn": getattr(charrnn, "__version__", "?"),
+            "charrnn": f"{getattr(charrnn, '__version__', '?')} ({charrnn_path()},"
+            f" {len(stream_groups(1 << 20))} threads)",
             "data": data_desc,
             "mode": "--quick" if args.quick else "full",
             "load_average_at_start": os.getloadavg()[0],

@@ -281,3 +281,30 @@ def test_unknown_seed_characters(model) -> None:
     assert skipped[0][len("ab☃cZ"):] == clean[0][3:]  # generated as if it were "abc"
     np.testing.assert_array_equal(encode_seed(VOCAB, "a☃b", skip_unknown=True),
                                   [VOCAB.stoi["a"], VOCAB.stoi["b"]])
+
+
+@pytest.mark.parametrize("dtype, tol", [("float64", 1e-12), ("float32", 2e-5)])
+@pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
+def test_stepper_equals_the_model_step(cell, dtype, tol, both_paths) -> None:
+    """The generation fast path (weights pre-arranged, one kernel call per layer) against
+    CharRNN.step, a one-step window, over several steps of a 3-stream batch."""
+    shape = ModelShape(cell, V, hidden_size=20, num_layers=2, embedding_size=5)
+    m = CharRNN.create(shape, seed=2, dtype=dtype)
+    rng = np.random.default_rng(3)
+    for p in m.params.values():
+        p += (0.4 * rng.standard_normal(p.shape)).astype(dtype)
+    stepper = m.stepper()
+    state_s = state_m = m.zero_state(3)
+    for ids in rng.integers(0, V, (6, 3)):
+        given = state_s
+        kept = [tuple(s.copy() for s in layer) for layer in given]
+        logits_s, state_s = stepper.step(ids, given)
+        logits_m, state_m = m.step(ids, state_m)
+        np.testing.assert_allclose(logits_s, logits_m, rtol=tol, atol=tol)
+        for a, b in zip(state_s, state_m, strict=True):
+            for s, t in zip(a, b, strict=True):
+                assert s.dtype == np.dtype(dtype)
+                np.testing.assert_allclose(s, t, rtol=tol, atol=tol)
+        for a, b in zip(given, kept, strict=True):  # the state passed in is left as it was
+            for s, t in zip(a, b, strict=True):
+                np.testing.assert_array_equal(s, t)
