@@ -402,6 +402,11 @@ class CharRNN:
         return Stepper(self)
 
 
+# Stepper: a step of at least this many FLOPs (about half a millisecond on one core) is split
+# over threads; handing work to a thread and back costs tens of microseconds
+PARALLEL_FLOPS = 50e6
+
+
 class Stepper:
     """The model one step at a time, for generation, with its weights pre-arranged once:
 
@@ -410,8 +415,10 @@ class Stepper:
     - the weights are in the forward loop's form (`Cell.input_weights`, `recurrent_weights`),
       the sigmoid gates as scaled tanh like the training path;
     - a step's elementwise work is one call to the compiled kernel of charrnn/_fused.c where
-      it is built (the numpy lines beside it are the reference), and its matrix products
-      numpy's, whose BLAS spreads even a single row's product over the cores.
+      it is built (the numpy lines beside it are the reference);
+    - the matrix products of one stream are numpy's, whose BLAS spreads a vector product over
+      the cores; those of several streams the compiled GEMM's, with the weights packed once
+      here (BLAS is slow for a few rows: it re-packs the weights at every call).
 
     The weights are copied: changing the model's parameters afterwards needs a new Stepper.
     """
@@ -429,9 +436,44 @@ class Stepper:
         self.shift = 1.0 - self.scale
         self.b_hn = [p[f"rnn.bias_hh_l{k}"][2 * H :] for k in range(shape.num_layers)]
         self.head_W, self.head_b = p["head.weight"], p["head.bias"]  # (V, H), (V,)
+        products = (*self.W_in[1:], *self.W_rec, self.head_W)  # a step's matrix products
+        self.flops = 2.0 * sum(W.size for W in products)  # per stream
+        self.packed: dict[int, np.ndarray] = {}  # id(W) -> pack_panels(W), for _product
+        if accelerated():
+            for W in products:
+                self.packed[id(W)] = pack_panels(W)
+
+    def _product(self, x: np.ndarray, W: np.ndarray) -> np.ndarray:
+        """x (B, K) @ W.T -> (B, N): numpy's for one row, the packed GEMM for more."""
+        fused = kernels(x)
+        if len(x) == 1 or fused is None or id(W) not in self.packed:
+            return x @ W.T
+        out = np.empty((len(x), W.shape[0]), x.dtype)
+        fused.gemm(x, self.packed[id(W)], out, False)
+        return out
 
     def step(self, ids: np.ndarray, state: list[State]) -> tuple[np.ndarray, list[State]]:
-        """ids (B,) -> logits (B, V), next state (new arrays; `state` is not modified)."""
+        """ids (B,) -> logits (B, V), next state (new arrays; `state` is not modified).
+
+        A step of many streams (PARALLEL_FLOPS or more) is split into groups of streams on
+        separate threads, as in training (charrnn.parallel)."""
+        B = len(ids)
+        groups = stream_groups(B) if B * self.flops >= PARALLEL_FLOPS else [slice(0, B)]
+        if len(groups) == 1:
+            return self._step(ids, state)
+        results = run_groups(
+            lambda g: self._step(ids[groups[g]], [tuple(s[groups[g]] for s in layer)
+                                                  for layer in state]),
+            len(groups),
+        )
+        logits = np.concatenate([r[0] for r in results])
+        new_state = [
+            tuple(np.concatenate(parts) for parts in zip(*(r[1][k] for r in results)))
+            for k in range(len(state))
+        ]
+        return logits, new_state
+
+    def _step(self, ids: np.ndarray, state: list[State]) -> tuple[np.ndarray, list[State]]:
         H = self.H
         new_state: list[State] = []
         inp = None
@@ -440,10 +482,10 @@ class Stepper:
             if k == 0:
                 xg = self.table[ids]  # (B, G)
             else:
-                xg = inp @ self.W_in[k].T  # (B, G)
+                xg = self._product(inp, self.W_in[k])  # (B, G)
                 xg += self.b_in[k]
             h = layer[0]
-            rec = h @ self.W_rec[k].T  # (B, G)
+            rec = self._product(h, self.W_rec[k])  # (B, G)
             if self.cell == "rnn":
                 xg += rec
                 if fused:  # the line below
@@ -493,6 +535,6 @@ class Stepper:
                 h = h_new
                 new_state.append((h,))
             inp = h
-        logits = inp @ self.head_W.T  # (B, V)
+        logits = self._product(inp, self.head_W)  # (B, V)
         logits += self.head_b
         return logits, new_state

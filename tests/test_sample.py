@@ -283,19 +283,27 @@ def test_unknown_seed_characters(model) -> None:
                                   [VOCAB.stoi["a"], VOCAB.stoi["b"]])
 
 
+@pytest.mark.parametrize("streams, split", [(1, False), (3, False), (3, True)])
 @pytest.mark.parametrize("dtype, tol", [("float64", 1e-12), ("float32", 2e-5)])
 @pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
-def test_stepper_equals_the_model_step(cell, dtype, tol, both_paths) -> None:
-    """The generation fast path (weights pre-arranged, one kernel call per layer) against
-    CharRNN.step, a one-step window, over several steps of a 3-stream batch."""
+def test_stepper_equals_the_model_step(cell, dtype, tol, streams, split, both_paths,
+                                       monkeypatch) -> None:
+    """The generation fast path (weights pre-arranged, one kernel call per layer, the packed
+    GEMM for several streams, the streams split over threads for a big step) against
+    CharRNN.step, a one-step window, over several steps."""
+    import charrnn.model
+
+    if split:
+        monkeypatch.setattr(charrnn.model, "PARALLEL_FLOPS", 0)
+        monkeypatch.setenv("CHARRNN_THREADS", "2")
     shape = ModelShape(cell, V, hidden_size=20, num_layers=2, embedding_size=5)
     m = CharRNN.create(shape, seed=2, dtype=dtype)
     rng = np.random.default_rng(3)
     for p in m.params.values():
         p += (0.4 * rng.standard_normal(p.shape)).astype(dtype)
     stepper = m.stepper()
-    state_s = state_m = m.zero_state(3)
-    for ids in rng.integers(0, V, (6, 3)):
+    state_s = state_m = m.zero_state(streams)
+    for ids in rng.integers(0, V, (6, streams)):
         given = state_s
         kept = [tuple(s.copy() for s in layer) for layer in given]
         logits_s, state_s = stepper.step(ids, given)
