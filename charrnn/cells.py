@@ -71,7 +71,7 @@ def accelerated() -> bool:
     return _fused is not None
 
 
-def kernels(*arrays: np.ndarray):
+def kernels(*arrays: np.ndarray) -> Any:
     """The compiled kernels, or None to use numpy: off, or a caller's array they can't take."""
     if _fused is None or not all(a.flags.c_contiguous for a in arrays):
         return None
@@ -96,7 +96,9 @@ def pack_panels(W: np.ndarray, ws: Workspace | None = None, name: str = "packed"
     return packed
 
 
-def project(x: np.ndarray, W: np.ndarray, b: np.ndarray, out: np.ndarray, packed=None):
+def project(
+    x: np.ndarray, W: np.ndarray, b: np.ndarray, out: np.ndarray, packed: np.ndarray | None = None
+) -> np.ndarray:
     """out (T, B, N) = x (T, B, K) @ W.T + b: a whole window's input projection, one GEMM
     over its T*B rows (the compiled one, with `packed` = pack_panels(W) or packing here,
     when the kernels run)."""

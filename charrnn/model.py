@@ -36,7 +36,7 @@ from .cells import (
     pack_panels,
     project,
 )
-from .parallel import run_groups, stream_groups
+from .parallel import columns, concatenate, run_groups, stream_groups
 
 Params = dict[str, np.ndarray]
 
@@ -363,24 +363,19 @@ class CharRNN:
             return self._replicas[g]._group_loss_and_grads(
                 x[:, cols],
                 y[:, cols],
-                [tuple(s[cols] for s in layer) for layer in state],
+                columns(state, cols),
                 None if masks is None else [m[cols] for m in masks],
-                None if dstate is None else [tuple(s[cols] for s in layer) for layer in dstate],
+                None if dstate is None else columns(dstate, cols),
                 T * B,
             )
 
         results = run_groups(run, len(groups))
-        loss, grads, new_state = results[0]
+        loss, grads, _ = results[0]
         for other_loss, other_grads, _ in results[1:]:
             loss += other_loss
             for k, g in grads.items():
                 g += other_grads[k]
-        if len(results) > 1:
-            new_state = [
-                tuple(np.concatenate(parts) for parts in zip(*(r[2][k] for r in results)))
-                for k in range(self.shape.num_layers)
-            ]
-        return loss, grads, new_state
+        return loss, grads, concatenate([r[2] for r in results])
 
     def _group_loss_and_grads(self, x, y, state, masks, dstate, denominator: int):
         """loss_and_grads for a group of the batch's streams: its summed NLL / `denominator`
@@ -420,7 +415,8 @@ class Stepper:
       the cores; those of several streams the compiled GEMM's, with the weights packed once
       here (BLAS is slow for a few rows: it re-packs the weights at every call).
 
-    The weights are copied: changing the model's parameters afterwards needs a new Stepper.
+    The weights are read when the Stepper is made, some of them copied: after a change to the
+    model's parameters, make a new one.
     """
 
     def __init__(self, model: CharRNN):
@@ -429,27 +425,29 @@ class Stepper:
         self.H = H = shape.hidden_size
         self.table = model.input_table()  # (V, G)
         layers = [model._layer_weights(k) for k in range(shape.num_layers)]
-        self.W_in = [W for W, _, _ in layers]  # (G, I) each, [0] unused
         self.b_in = [b for _, b, _ in layers]  # (G,)
-        self.W_rec = [W for _, _, W in layers]  # (G, H)
         self.scale = gate_scale(model.cell, H, model.dtype)  # (G,)
         self.shift = 1.0 - self.scale
         self.b_hn = [p[f"rnn.bias_hh_l{k}"][2 * H :] for k in range(shape.num_layers)]
-        self.head_W, self.head_b = p["head.weight"], p["head.bias"]  # (V, H), (V,)
-        products = (*self.W_in[1:], *self.W_rec, self.head_W)  # a step's matrix products
-        self.flops = 2.0 * sum(W.size for W in products)  # per stream
-        self.packed: dict[int, np.ndarray] = {}  # id(W) -> pack_panels(W), for _product
-        if accelerated():
-            for W in products:
-                self.packed[id(W)] = pack_panels(W)
+        self.head_b = p["head.bias"]  # (V,)
+        # a step's matrix products, (W, W packed for the compiled GEMM or None) each
+        pack = pack_panels if accelerated() else lambda W: None
+        self.in_products = [(W, pack(W)) for W, _, _ in layers[1:]]  # (G, H): layers 1, 2, ..
+        self.rec_products = [(W, pack(W)) for _, _, W in layers]  # (G, H)
+        self.head_product = (p["head.weight"], pack(p["head.weight"]))  # (V, H)
+        products = (*self.in_products, *self.rec_products, self.head_product)
+        self.flops = 2.0 * sum(W.size for W, _ in products)  # per stream
 
-    def _product(self, x: np.ndarray, W: np.ndarray) -> np.ndarray:
-        """x (B, K) @ W.T -> (B, N): numpy's for one row, the packed GEMM for more."""
+    @staticmethod
+    def _product(x: np.ndarray, product: tuple[np.ndarray, np.ndarray | None]) -> np.ndarray:
+        """x (B, K) @ W.T -> (B, N) for product = (W, packed W): numpy's for one row, the
+        compiled GEMM for more."""
+        W, packed = product
         fused = kernels(x)
-        if len(x) == 1 or fused is None or id(W) not in self.packed:
+        if len(x) == 1 or fused is None or packed is None:
             return x @ W.T
         out = np.empty((len(x), W.shape[0]), x.dtype)
-        fused.gemm(x, self.packed[id(W)], out, False)
+        fused.gemm(x, packed, out, False)
         return out
 
     def step(self, ids: np.ndarray, state: list[State]) -> tuple[np.ndarray, list[State]]:
@@ -462,16 +460,9 @@ class Stepper:
         if len(groups) == 1:
             return self._step(ids, state)
         results = run_groups(
-            lambda g: self._step(ids[groups[g]], [tuple(s[groups[g]] for s in layer)
-                                                  for layer in state]),
-            len(groups),
+            lambda g: self._step(ids[groups[g]], columns(state, groups[g])), len(groups)
         )
-        logits = np.concatenate([r[0] for r in results])
-        new_state = [
-            tuple(np.concatenate(parts) for parts in zip(*(r[1][k] for r in results)))
-            for k in range(len(state))
-        ]
-        return logits, new_state
+        return np.concatenate([r[0] for r in results]), concatenate([r[1] for r in results])
 
     def _step(self, ids: np.ndarray, state: list[State]) -> tuple[np.ndarray, list[State]]:
         H = self.H
@@ -482,10 +473,10 @@ class Stepper:
             if k == 0:
                 xg = self.table[ids]  # (B, G)
             else:
-                xg = self._product(inp, self.W_in[k])  # (B, G)
+                xg = self._product(inp, self.in_products[k - 1])  # (B, G)
                 xg += self.b_in[k]
             h = layer[0]
-            rec = self._product(h, self.W_rec[k])  # (B, G)
+            rec = self._product(h, self.rec_products[k])  # (B, G)
             if self.cell == "rnn":
                 xg += rec
                 if fused:  # the line below
@@ -535,6 +526,6 @@ class Stepper:
                 h = h_new
                 new_state.append((h,))
             inp = h
-        logits = self._product(inp, self.head_W)  # (B, V)
+        logits = self._product(inp, self.head_product)  # (B, V)
         logits += self.head_b
         return logits, new_state

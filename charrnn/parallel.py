@@ -28,6 +28,8 @@ from concurrent.futures import ThreadPoolExecutor, wait
 from functools import cache
 from typing import TypeVar
 
+import numpy as np
+
 from . import blas
 from .errors import ConfigError
 
@@ -58,6 +60,16 @@ def stream_groups(batch_size: int, threads: int | None = None) -> list[slice]:
     n = thread_count() if threads is None else threads
     n = max(1, min(n if blas.controllable() else 1, batch_size))
     return [slice(batch_size * i // n, batch_size * (i + 1) // n) for i in range(n)]
+
+
+def columns(state: list[tuple[np.ndarray, ...]], cols: slice) -> list[tuple[np.ndarray, ...]]:
+    """A group's part of a recurrent state (one tuple of (B, H) arrays per layer): views."""
+    return [tuple(s[cols] for s in layer) for layer in state]
+
+
+def concatenate(states: list[list[tuple[np.ndarray, ...]]]) -> list[tuple[np.ndarray, ...]]:
+    """The groups' states, in group order, as one state of the whole batch."""
+    return [tuple(np.concatenate(parts) for parts in zip(*layers)) for layers in zip(*states)]
 
 
 @cache
