@@ -29,6 +29,10 @@
 #include <stdint.h>
 #include <string.h>
 
+#if defined(_MSC_VER) && !defined(__clang__)
+#define restrict __restrict
+#endif
+
 #ifdef __FAST_MATH__
 #error "charrnn/_fused.c needs IEEE arithmetic: do not compile it with -ffast-math"
 #endif
@@ -39,7 +43,8 @@
 /* On x86-64 Linux with GCC, every elementwise kernel is also compiled for AVX-512 and AVX2,
  * and the best version the CPU runs is picked when the module loads (an ifunc): 16 or 8
  * float32 lanes instead of SSE2's 4.  The same IEEE operations in every version. */
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__) &&   \
+    defined(__GLIBC__) /* ifuncs: glibc's, not musl's */
 #define KERNEL __attribute__((target_clones("avx512f", "avx2", "default"))) static void
 #else
 #define KERNEL static void
@@ -72,7 +77,8 @@ static inline float exp_f32(float y)
     float p = (((((1.9875691500e-4f * r + 1.3981999507e-3f) * r + 8.3334519073e-3f) * r
                  + 4.1665795894e-2f) * r + 1.6666665459e-1f) * r + 5.0000001201e-1f) * r * r
               + r + 1.0f;
-    scale.i = (k.i - 0x4B400000 + 127) << 23; /* k.i - 0x4B400000 == n */
+    /* k.i - 0x4B400000 == n; shifted as unsigned (NaN makes it overflow) */
+    scale.i = (int32_t)((uint32_t)(k.i - 0x4B400000 + 127) << 23);
     return p * scale.f;
 }
 
@@ -82,7 +88,7 @@ static inline float exp_f32(float y)
 static inline float tanh_f32(float x)
 {
     float ax = fabsf(x);
-    float ax_clamped = ax < 9.0f ? ax : 9.0f; /* tanh(9) rounds to 1 */
+    float ax_clamped = ax < 10.0f ? ax : 10.0f; /* tanh(10) rounds to 1 */
     float z = x * x;
     float small = ((((-5.70498872745e-3f * z + 2.06390887954e-2f) * z - 5.37397155531e-2f) * z
                     + 1.33314422036e-1f) * z - 3.33332819422e-1f) * z * x + x;
@@ -123,6 +129,10 @@ static inline double gate_f64(double u) { return tanh(u) * 0.5 + 0.5; }
  */
 
 #define PANEL 16
+
+/* The version of the functions this module offers; charrnn.cells ignores a build whose API
+ * differs from the one it was written for (a stale build left by a failed rebuild). */
+#define API 2
 
 static Py_ssize_t panels(Py_ssize_t n) { return (n + PANEL - 1) / PANEL; }
 
@@ -956,7 +966,8 @@ PyMODINIT_FUNC PyInit__fused(void)
     PyObject *m = PyModule_Create(&module);
     if (m == NULL)
         return NULL;
-    if (PyModule_AddIntConstant(m, "PANEL", PANEL) < 0) {
+    if (PyModule_AddIntConstant(m, "PANEL", PANEL) < 0 ||
+        PyModule_AddIntConstant(m, "API", API) < 0) {
         Py_DECREF(m);
         return NULL;
     }

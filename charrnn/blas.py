@@ -11,6 +11,7 @@ way threadpoolctl finds it.  Where there is no OpenBLAS (another BLAS, or not Li
 from __future__ import annotations
 
 import ctypes
+import os
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -18,6 +19,15 @@ from functools import cache
 from pathlib import Path
 
 _LOCK = threading.Lock()  # one thread-count change at a time
+
+
+def _new_lock() -> None:
+    """In a forked child: a thread of the parent may have held the lock at the fork."""
+    global _LOCK
+    _LOCK = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_new_lock)
 
 
 @cache

@@ -51,7 +51,8 @@ try:
     from . import _fused
 except ImportError:  # not built (no C compiler at install time): numpy only
     _fused = None
-if os.environ.get("CHARRNN_ACCEL") == "0":
+KERNELS_API = 2  # the _fused functions this module calls; a stale build has another API
+if os.environ.get("CHARRNN_ACCEL") == "0" or getattr(_fused, "API", None) != KERNELS_API:
     _fused = None
 
 State = tuple[np.ndarray, ...]
@@ -72,10 +73,19 @@ def accelerated() -> bool:
 
 
 def kernels(*arrays: np.ndarray) -> Any:
-    """The compiled kernels, or None to use numpy: off, or a caller's array they can't take."""
-    if _fused is None or not all(a.flags.c_contiguous for a in arrays):
+    """The compiled kernels, or None to use numpy: off, or a caller's array they can't take
+    (not C-contiguous, not native float32 or float64, not all of one dtype)."""
+    if _fused is None or not arrays:
+        return _fused
+    dtype = arrays[0].dtype
+    if dtype not in _KERNEL_DTYPES or not all(
+        a.dtype == dtype and a.flags.c_contiguous for a in arrays
+    ):
         return None
     return _fused
+
+
+_KERNEL_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))  # native byte order
 
 
 PANEL = 16  # columns per panel of a packed weight matrix; _fused.PANEL

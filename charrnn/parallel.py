@@ -22,10 +22,11 @@ run on; one where BLAS's own thread count cannot be set.
 
 from __future__ import annotations
 
+import contextvars
 import os
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, wait
-from functools import cache
 from typing import TypeVar
 
 import numpy as np
@@ -48,16 +49,16 @@ def thread_count() -> int:
     value = os.environ.get("CHARRNN_THREADS", "").strip()
     if not value:
         return available_cores()
-    if not value.isdigit() or int(value) < 1:
+    if not (value.isascii() and value.isdigit()) or int(value) < 1:
         raise ConfigError(f"CHARRNN_THREADS must be a whole number >= 1, not {value!r}")
     return int(value)
 
 
 def stream_groups(batch_size: int, threads: int | None = None) -> list[slice]:
     """The batch's streams 0..batch_size-1 cut into contiguous groups, one per thread
-    (`threads`, default thread_count(); one without a BLAS whose thread count can be set),
-    as equal as they come."""
-    n = thread_count() if threads is None else threads
+    (`threads`, default (None or 0) thread_count(); one without a BLAS whose thread count
+    can be set), as equal as they come."""
+    n = threads or thread_count()
     n = max(1, min(n if blas.controllable() else 1, batch_size))
     return [slice(batch_size * i // n, batch_size * (i + 1) // n) for i in range(n)]
 
@@ -72,21 +73,50 @@ def concatenate(states: list[list[tuple[np.ndarray, ...]]]) -> list[tuple[np.nda
     return [tuple(np.concatenate(parts) for parts in zip(*layers)) for layers in zip(*states)]
 
 
-@cache
+_POOL: ThreadPoolExecutor | None = None
+_POOL_LOCK = threading.Lock()
+_IN_GROUP = threading.local()  # set while a thread runs a group's work
+
+
 def _pool() -> ThreadPoolExecutor:
-    # threads are started as they are first needed, and reused
-    return ThreadPoolExecutor(max_workers=64, thread_name_prefix="charrnn")
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None:  # threads are started as they are first needed, and reused
+            _POOL = ThreadPoolExecutor(max_workers=64, thread_name_prefix="charrnn")
+        return _POOL
+
+
+def _forget_pool() -> None:
+    """In a forked child: the parent's pool threads do not exist there."""
+    global _POOL, _POOL_LOCK
+    _POOL, _POOL_LOCK = None, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_pool)
+
+
+def _as_group(fn: Callable[[int], R], g: int) -> R:
+    _IN_GROUP.active = True
+    try:
+        return fn(g)
+    finally:
+        _IN_GROUP.active = False
 
 
 def run_groups(fn: Callable[[int], R], n: int) -> list[R]:
     """[fn(0), ..., fn(n-1)], each call on its own thread (the first on the caller's), with
-    BLAS single-threaded meanwhile. Waits for every call before it returns or raises."""
-    if n == 1:
-        return [fn(0)]
+    BLAS single-threaded meanwhile. Waits for every call before it returns or raises.
+
+    Each call runs in a copy of the caller's context (numpy's errstate travels with it).
+    Called from within a group's work, it runs the calls one after another, on that thread."""
+    if n == 1 or getattr(_IN_GROUP, "active", False):
+        return [fn(g) for g in range(n)]
     with blas.single_threaded():
-        futures = [_pool().submit(fn, g) for g in range(1, n)]
+        futures = [
+            _pool().submit(contextvars.copy_context().run, _as_group, fn, g) for g in range(1, n)
+        ]
         try:
-            first = fn(0)
+            first = _as_group(fn, 0)
         finally:
             wait(futures)
         return [first, *(f.result() for f in futures)]

@@ -165,6 +165,34 @@ def test_float32_tanh_edge_values():
 
 
 @needs_ext
+def test_float32_tanh_saturates_at_one():
+    x = np.array([10.0, 20.0, 1e30, np.inf, -10.0, -np.inf], np.float32)
+    h, _ = _one_step("rnn", x[None])
+    np.testing.assert_array_equal(h[0], np.sign(x))
+
+
+def test_kernels_refuse_arrays_they_cannot_take():
+    if _fused is None:
+        assert cells.kernels(np.zeros(3)) is None
+        return
+    f32, f64 = np.zeros((2, 3), np.float32), np.zeros((2, 3))
+    assert cells.kernels(f32, f32) is _fused and cells.kernels() is _fused
+    for arrays in [(f32, f64), (f32.astype(">f4"),), (f32.astype(np.float16),), (f64[:, ::2],)]:
+        assert cells.kernels(*arrays) is None
+
+
+def test_a_build_with_another_api_is_ignored():
+    """A stale charrnn/_fused*.so (say, left by a failed rebuild) is not used."""
+    code = ("import sys, types, charrnn; fake = types.ModuleType('charrnn._fused'); "
+            "fake.API = 1; sys.modules['charrnn._fused'] = fake; "
+            "import charrnn.cells as c; print(c.accelerated())")
+    env = {k: v for k, v in os.environ.items() if k != "CHARRNN_ACCEL"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "False"
+
+
+@needs_ext
 def test_float32_sigmoid_gates():
     """The LSTM's i gate against the exact sigmoid of x = 2u (u: the pre-scaled input):
     within 2 ulp while exp is not clamped, 1e-7 absolute everywhere."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import warnings
 
 import numpy as np
 import pytest
@@ -147,3 +148,51 @@ def test_blas_is_single_threaded_inside_and_restored_after() -> None:
         assert inside == [1, 1] and get() == 2
     finally:
         set_(before)
+
+
+def test_groups_run_in_the_callers_numpy_error_state() -> None:
+    """np.errstate is per thread (a context variable): each group gets the caller's."""
+    with np.errstate(over="raise", invalid="ignore"):
+        seen = parallel.run_groups(lambda g: np.geterr(), 3)
+    assert all(e["over"] == "raise" and e["invalid"] == "ignore" for e in seen)
+    big = np.full(4, 1e30, np.float32)
+    with np.errstate(over="ignore"), warnings.catch_warnings():  # no warning from any thread
+        warnings.simplefilter("error")
+        parallel.run_groups(lambda g: big * big, 2)
+
+
+def test_nested_run_groups_runs_serially_instead_of_deadlocking() -> None:
+    def outer(g: int) -> list[tuple[int, int]]:
+        return parallel.run_groups(lambda h: (g, h), 2)
+
+    assert parallel.run_groups(outer, 2) == [[(0, 0), (0, 1)], [(1, 0), (1, 1)]]
+
+
+def _run_groups_in_child(queue) -> None:
+    queue.put(parallel.run_groups(lambda g: g * g, 3))
+
+
+def test_run_groups_works_in_a_forked_child() -> None:
+    """The parent's pool threads do not exist in a fork: the child makes its own."""
+    import multiprocessing
+
+    parallel.run_groups(lambda g: g, 2)  # the parent's pool is up
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_run_groups_in_child, args=(queue,))
+    child.start()
+    child.join(timeout=20)
+    if child.is_alive():
+        child.kill()
+        pytest.fail("run_groups hung in a forked child")
+    assert child.exitcode == 0 and queue.get(timeout=5) == [0, 1, 4]
+
+
+def test_zero_threads_means_the_default() -> None:
+    assert parallel.stream_groups(8, 0) == parallel.stream_groups(8, None)
+
+
+def test_a_non_ascii_digit_is_refused(monkeypatch) -> None:
+    monkeypatch.setenv("CHARRNN_THREADS", "\u00b2")  # '²'.isdigit() is True
+    with pytest.raises(ConfigError, match="CHARRNN_THREADS"):
+        parallel.thread_count()
