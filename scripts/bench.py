@@ -97,7 +97,7 @@ from charrnn.data import WindowStream
 from charrnn.evaluate import EVAL_BATCH, EVAL_SEQ, score
 from charrnn.model import CharRNN, ModelShape, cross_entropy_
 from charrnn.optim import Optimizer, clip_by_global_norm_
-from charrnn.parallel import stream_groups
+from charrnn.parallel import available_cores, stream_groups
 from charrnn.sample import generate
 from charrnn.vocab import Vocab
 
@@ -153,7 +153,7 @@ class Plan:
     mem_steps: int  # training steps of each memory child
 
 
-QUICK = Plan(0.3, 1, 0.8, 2, 2 * EVAL_BATCH * EVAL_SEQ + 1, 1, 0.25, 2, 2)
+QUICK = Plan(0.3, 1, 0.8, 2, 3 * EVAL_BATCH * EVAL_SEQ + 1, 2, 0.25, 2, 2)
 FULL = Plan(3.0, 3, 6.0, 3, 200_000, 2, 2.0, 3, 10)
 SAMPLE_WARMUP_STEPS = 20
 # Before each timed block: the idle BLAS/OpenMP threads of the framework that ran last
@@ -169,13 +169,6 @@ def log(msg: str) -> None:
 
 
 # -- machine and data ------------------------------------------------------------------
-
-
-def num_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 def cpu_model() -> str:
@@ -265,7 +258,7 @@ USE_MKLDNN = True  # --no-mkldnn turns off PyTorch's oneDNN kernels (torch.backe
 def import_torch():
     import torch
 
-    torch.set_num_threads(num_cores())
+    torch.set_num_threads(available_cores())
     torch.backends.mkldnn.enabled = USE_MKLDNN
     return torch
 
@@ -961,7 +954,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {
         "machine": {
             "cpu": cpu_model(),
-            "cores": num_cores(),
+            "cores": available_cores(),
             "python": platform.python_version(),
             "numpy": np.__version__,
             "blas": numpy_blas(),
