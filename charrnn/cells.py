@@ -18,8 +18,9 @@ window as hs (T+1, B, H) with hs[0] = h0, the final state, and a cache for backw
 work buffers reused from window to window.  `packed` is pack_panels(W_rec), for callers that
 keep the weights fixed over many windows (scoring); otherwise it is made here when needed.
 
-`backward(dhs, dstate, cache, W_hh, ws)` takes dL/dh_t for t = 1..T (T, B, H) from the
-layer above and dL/dstate_T arriving from the next window, and returns
+`backward(dhs, dstate, cache, W_hh, ws, packed=None)` takes dL/dh_t for t = 1..T (T, B, H)
+from the layer above and dL/dstate_T arriving from the next window (`packed`:
+pack_panels(W_hh.T), made here when needed, as in forward), and returns
 (dxproj (T, B, G*H), dW_hh, db_hh, dstate0).  dxproj is the gradient with respect to the
 unscaled input pre-activation x_t @ W_ih.T + b_ih, so it is also dL/db_ih summed over (T, B).
 
@@ -150,7 +151,7 @@ def rnn_forward(xproj, state: State, W_rec, b_hh, ws: Workspace, packed=None):
     return hs, (hs[T].copy(),), {"hs": hs}
 
 
-def rnn_backward(dhs, dstate: State, cache: dict[str, Any], W_hh, ws: Workspace):
+def rnn_backward(dhs, dstate: State, cache: dict[str, Any], W_hh, ws: Workspace, packed=None):
     hs = cache["hs"]
     T, B, H = dhs.shape
     dpre = buffer(ws, "dpre", (T, B, H), dhs.dtype)  # (T, B, H)
@@ -160,7 +161,8 @@ def rnn_backward(dhs, dstate: State, cache: dict[str, Any], W_hh, ws: Workspace)
     dh = buffer(ws, "dh", (B, H), dhs.dtype)
     dh[...] = dstate[0]
     if fused := kernels(dhs):  # the loop below, compiled
-        fused.rnn_backward(dhs, pack_panels(W_hh.T, ws), dh, dpre)
+        packed = pack_panels(W_hh.T, ws) if packed is None else packed
+        fused.rnn_backward(dhs, packed, dh, dpre)
     else:
         for t in range(T - 1, -1, -1):
             dh += dhs[t]
@@ -227,7 +229,7 @@ def lstm_forward(xproj, state: State, W_rec, b_hh, ws: Workspace, packed=None):
     return hs, (hs[T].copy(), cs[T].copy()), cache
 
 
-def lstm_backward(dhs, dstate: State, cache: dict[str, Any], W_hh, ws: Workspace):
+def lstm_backward(dhs, dstate: State, cache: dict[str, Any], W_hh, ws: Workspace, packed=None):
     hs, cs, tanh_c, acts = cache["hs"], cache["cs"], cache["tanh_c"], cache["acts"]
     T, B, H = dhs.shape
     dt = dhs.dtype
@@ -239,7 +241,8 @@ def lstm_backward(dhs, dstate: State, cache: dict[str, Any], W_hh, ws: Workspace
     if fused := kernels(dhs):
         # the loop below, compiled; it computes the gate derivatives from the activations
         # as it goes: the same values as the numpy path's window factors
-        fused.lstm_backward(dhs, acts, cs, tanh_c, pack_panels(W_hh.T, ws), dh, dc, dpre)
+        packed = pack_panels(W_hh.T, ws) if packed is None else packed
+        fused.lstm_backward(dhs, acts, cs, tanh_c, packed, dh, dc, dpre)
     else:
         # Everything that depends only on the forward pass is computed for the whole window:
         #   p = o * (1 - tanh(c_t)^2)               so that   dc  += dh * p
@@ -322,7 +325,7 @@ def gru_forward(xproj, state: State, W_rec, b_hh, ws: Workspace, packed=None):
     return hs, (hs[T].copy(),), cache
 
 
-def gru_backward(dhs, dstate: State, cache: dict[str, Any], W_hh, ws: Workspace):
+def gru_backward(dhs, dstate: State, cache: dict[str, Any], W_hh, ws: Workspace, packed=None):
     hs, hn, acts = cache["hs"], cache["hn"], cache["acts"]
     T, B, H = dhs.shape
     dt = dhs.dtype
@@ -353,7 +356,8 @@ def gru_backward(dhs, dstate: State, cache: dict[str, Any], W_hh, ws: Workspace)
     tmp = buffer(ws, "tmp", (B, H), dt)
     dh[...] = dstate[0]
     if fused := kernels(dhs):  # the loop below, compiled
-        fused.gru_backward(dhs, acts, f_z, f_r, pack_panels(W_hh.T, ws), dh, dn_pre, drec)
+        packed = pack_panels(W_hh.T, ws) if packed is None else packed
+        fused.gru_backward(dhs, acts, f_z, f_r, packed, dh, dn_pre, drec)
     else:
         for t in range(T - 1, -1, -1):
             q = drec[t]

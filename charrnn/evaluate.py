@@ -5,7 +5,6 @@ from __future__ import annotations
 import itertools
 import math
 import os
-from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -38,10 +37,11 @@ class EvalResult:
 
 class _StreamGroup:
     """Scores one contiguous group of the evaluation streams (the same columns of every
-    window) with its own model buffers, the weights shared, and its own carried state."""
+    window) with one of the model's replicas (its own buffers, the weights shared) and its own
+    carried state."""
 
     def __init__(self, model: CharRNN, columns: slice):
-        self.model = CharRNN(model.shape, model.params)
+        self.model = model
         self.columns = columns
         self.state: list | None = None
         self.total, self.count = 0.0, 0
@@ -78,10 +78,9 @@ def score(
     first = next(windows, None)
     if first is None:
         return 0.0, 0
-    groups = [_StreamGroup(model, cols) for cols in stream_groups(first[0].shape[1], threads)]
-    with ExitStack() as stack:
-        for group in groups:
-            stack.enter_context(group.model.frozen())
+    columns = stream_groups(first[0].shape[1], threads)
+    groups = [_StreamGroup(m, c) for m, c in zip(model.replicas(len(columns)), columns)]
+    with model.frozen():
         for window in itertools.chain([first], windows):
             run_groups(lambda g, window=window: groups[g].score(*window), len(groups))
     return sum(g.total for g in groups), sum(g.count for g in groups)

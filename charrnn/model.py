@@ -17,6 +17,7 @@ out explicitly: a list with one tuple per layer, (h,) or (h, c), each (B, H).
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -154,6 +155,16 @@ def scatter_add_rows(ids: np.ndarray, rows: np.ndarray, num: int) -> np.ndarray:
 # ---------------------------------------------------------------------------------------
 
 
+class _Prepared:
+    """The weights in the forms the passes use, made once while the parameters do not change
+    (CharRNN.frozen) and shared by a model and its replicas, whichever thread asks first."""
+
+    def __init__(self) -> None:
+        self.cache: dict[str, Any] | None = None  # None: outside a frozen scope
+        self.buffers: Workspace = {}  # packed weights, reused from scope to scope
+        self.lock = threading.RLock()  # making one form may ask for another
+
+
 class CharRNN:
     """Parameters plus the window-level forward/backward and the one-step sampler path."""
 
@@ -168,8 +179,8 @@ class CharRNN:
         self._ws: list[Workspace] = [{} for _ in range(shape.num_layers)]  # forward, per layer
         self._bwd_ws: Workspace = {}  # backward scratch: layers run one after another, share it
         self._top: Workspace = {}
-        self._prepared: dict[str, Any] | None = None  # see frozen()
-        self._replicas: list[CharRNN] = [self]  # one per stream group, see loss_and_grads
+        self._prepared = _Prepared()  # see frozen()
+        self._replicas: list[CharRNN] = [self]  # see replicas()
 
     @classmethod
     def create(cls, shape: ModelShape, seed: int, dtype: str = "float32") -> CharRNN:
@@ -197,26 +208,38 @@ class CharRNN:
 
     # -- a whole window --------------------------------------------------------------------
 
+    def replicas(self, n: int) -> list[CharRNN]:
+        """n models for n threads, this one first, each with work buffers of its own and all
+        sharing this model's parameters and its frozen-scope preparations."""
+        while len(self._replicas) < n:
+            replica = CharRNN(self.shape, self.params)
+            replica._prepared = self._prepared
+            self._replicas.append(replica)
+        return self._replicas[:n]
+
     @contextmanager
     def frozen(self) -> Iterator[CharRNN]:
-        """A scope in which the parameters do not change (scoring): the weights in the form
-        the forward pass uses, and the input table, are prepared once instead of on every
-        call to `forward`."""
-        if self._prepared is not None:  # already inside
+        """A scope in which the parameters do not change (a training window, scoring): the
+        weights in the forms the passes use (scaled, packed, the input table) are made once
+        instead of on every call, and shared with the replicas."""
+        prepared = self._prepared
+        if prepared.cache is not None:  # already inside
             yield self
             return
-        self._prepared = {}
+        prepared.cache = {}
         try:
             yield self
         finally:
-            self._prepared = None
+            prepared.cache = None
 
     def _prepare(self, key: str, make: Callable[[], Any]) -> Any:
-        if self._prepared is None:
-            return make()
-        if key not in self._prepared:
-            self._prepared[key] = make()
-        return self._prepared[key]
+        prepared = self._prepared
+        with prepared.lock:
+            if prepared.cache is None:
+                return make()
+            if key not in prepared.cache:
+                prepared.cache[key] = make()
+            return prepared.cache[key]
 
     def _layer_weights(self, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Layer k's (W_in (G*H, I), b_in (G*H,), W_rec (G*H, H)) as the forward loop takes
@@ -231,14 +254,12 @@ class CharRNN:
 
         return self._prepare(f"layer{k}", make)
 
-    def _packed(self, k: int, which: int) -> np.ndarray | None:
-        """Layer k's W_in (which=0) or W_rec (which=2) packed for the compiled kernels, kept
-        while the weights are frozen; None (packed where used) outside that scope or without
-        the compiled kernels."""
-        if self._prepared is None or not accelerated():
+    def _packed(self, name: str, W: np.ndarray) -> np.ndarray | None:
+        """pack_panels(W) for the compiled kernels, kept under `name` while the weights are
+        frozen; None (packed where used) outside that scope or without the kernels."""
+        if self._prepared.cache is None or not accelerated():
             return None
-        return self._prepare(f"packed{k},{which}",
-                             lambda: pack_panels(self._layer_weights(k)[which]))
+        return self._prepare(f"packed {name}", lambda: pack_panels(W, self._prepared.buffers, name))
 
     def _layer0_input(self, x: np.ndarray) -> np.ndarray | None:
         """The embedded characters (T, B, E), or None for one-hot input."""
@@ -270,7 +291,7 @@ class CharRNN:
             np.take(self.input_table(), x, axis=0, out=xproj, mode="clip")
             return xproj
         W_in, b_in, _ = self._layer_weights(0)
-        return project(self._layer0_input(x), W_in, b_in, xproj, self._packed(0, 0))
+        return project(self._layer0_input(x), W_in, b_in, xproj, self._packed("W_in0", W_in))
 
     def forward(self, x: np.ndarray, state: list[State], masks: list[np.ndarray] | None = None):
         """x (T, B) ids -> logits (T*B, V), final state, cache for `backward`.
@@ -287,10 +308,10 @@ class CharRNN:
                 xproj = self._layer0_projection(x, ws)
             else:
                 xproj = buffer(ws, "xproj", (T, B, W_in.shape[0]), self.dtype)  # (T, B, G*H)
-                project(inp, W_in, b_in, xproj, self._packed(k, 0))
+                project(inp, W_in, b_in, xproj, self._packed(f"W_in{k}", W_in))
             inputs.append(inp)
             hs, last, cache = self.cell.forward(
-                xproj, state[k], W_rec, p[f"rnn.bias_hh_l{k}"], ws, self._packed(k, 2)
+                xproj, state[k], W_rec, p[f"rnn.bias_hh_l{k}"], ws, self._packed(f"W_rec{k}", W_rec)
             )
             caches.append(cache)
             new_state.append(last)
@@ -325,8 +346,10 @@ class CharRNN:
             else:
                 dfinal = dstate[k]
             W_ih = p[f"rnn.weight_ih_l{k}"]
+            W_hh = p[f"rnn.weight_hh_l{k}"]
             dxproj, dW_hh, db_hh, dstate0[k] = self.cell.backward(
-                dtop, dfinal, cache["caches"][k], p[f"rnn.weight_hh_l{k}"], self._bwd_ws
+                dtop, dfinal, cache["caches"][k], W_hh, self._bwd_ws,
+                self._packed(f"W_hh.T{k}", W_hh.T),
             )
             dx2 = dxproj.reshape(T * B, -1)  # (T*B, G*H)
             grads[f"rnn.weight_hh_l{k}"] = dW_hh
@@ -350,17 +373,16 @@ class CharRNN:
     def loss_and_grads(self, x, y, state, masks=None, dstate=None):
         """One truncated-BPTT window: mean NLL, gradients, final state (no gradient past it).
 
-        The batch's streams are split into groups that run on separate threads, each by a
-        replica of this model that shares its parameters (charrnn.parallel); the groups'
-        losses and gradients add up to the batch's, their states are concatenated."""
+        The batch's streams are split into groups that run on separate threads, each by one
+        of `replicas()` (charrnn.parallel); the groups' losses and gradients add up to the
+        batch's, their states are concatenated."""
         T, B = x.shape
         groups = stream_groups(B)
-        while len(self._replicas) < len(groups):
-            self._replicas.append(CharRNN(self.shape, self.params))
+        replicas = self.replicas(len(groups))
 
         def run(g: int):
             cols = groups[g]
-            return self._replicas[g]._group_loss_and_grads(
+            return replicas[g]._group_loss_and_grads(
                 x[:, cols],
                 y[:, cols],
                 columns(state, cols),
@@ -369,7 +391,8 @@ class CharRNN:
                 T * B,
             )
 
-        results = run_groups(run, len(groups))
+        with self.frozen():  # fixed for the window: the weights' forms made once, shared
+            results = run_groups(run, len(groups))
         loss, grads, _ = results[0]
         for other_loss, other_grads, _ in results[1:]:
             loss += other_loss
