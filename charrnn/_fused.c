@@ -645,8 +645,9 @@ DEFINE_RNN_BACKWARD(double)
 /* ---- arguments ---------------------------------------------------------------------------
  *
  * Each kernel lists its arrays with their dimensions as letters: T steps, S = T + 1 steps,
- * B batch, H hidden, G = gates * H, g = panels(G), h = panels(H), P = PANEL.  The first
- * array to use a letter fixes its size; every later use must agree. */
+ * B batch, H hidden, G = gates * H, g = panels(G), h = panels(H), P = PANEL; and for the
+ * GEMM N columns, n = panels(N).  The first array to use a letter fixes its size; every
+ * later use must agree. */
 
 #define MAX_ARGS 8
 
@@ -660,7 +661,7 @@ typedef struct {
     Py_buffer view[MAX_ARGS];
     int held;
     int is_double;
-    Py_ssize_t T, B, H;
+    Py_ssize_t T, B, H, N;
 } Arrays;
 
 static void release_arrays(Arrays *x)
@@ -696,6 +697,8 @@ static int dim_fits(char d, Py_ssize_t n, int gates, Arrays *x)
         known = &x->H;
         value = n / gates;
         break;
+    case 'N': known = &x->N; value = n; break;
+    case 'n': return x->N >= 0 && n == panels(x->N);
     case 'g': return x->H >= 0 && n == panels(gates * x->H);
     case 'h': return x->H >= 0 && n == panels(x->H);
     case 'P': return n == PANEL;
@@ -720,7 +723,7 @@ static int get_arrays(PyObject *args, const char *fname, const ArgSpec *spec, in
                       int gates, Arrays *x)
 {
     x->held = 0;
-    x->T = x->B = x->H = -1;
+    x->T = x->B = x->H = x->N = -1;
     if (!PyTuple_Check(args) || PyTuple_GET_SIZE(args) != n) {
         PyErr_Format(PyExc_TypeError, "%s() takes %d arrays", fname, n);
         return -1;
@@ -843,60 +846,33 @@ WRAPPER(gru_step, 3, STEP_ARGS6,
         {"hn", 1, "BH"}, {"h", 1, "BH"})
 WRAPPER(rnn_step, 1, STEP_ARGS2, {"a", 0, "BG"}, {"h", 1, "BH"})
 
-/* gemm(a (M, K), packed (panels(N), K, PANEL), c (M, N), accumulate) */
+/* gemm(a (M, K), packed (panels(N), K, PANEL), c (M, N), accumulate): the arrays checked in
+ * the order a, c, packed, so that N is known when packed's shape is; M as B, K as H. */
+static const ArgSpec gemm_spec[] = {{"a", 0, "BH"}, {"c", 1, "BN"}, {"packed", 0, "nHP"}};
+
 static PyObject *py_gemm(PyObject *self, PyObject *args)
 {
     (void)self;
-    PyObject *arrays[3];
+    PyObject *a, *packed, *c;
     int accumulate;
-    if (!PyArg_ParseTuple(args, "OOOp:gemm", &arrays[0], &arrays[1], &arrays[2], &accumulate))
+    if (!PyArg_ParseTuple(args, "OOOp:gemm", &a, &packed, &c, &accumulate))
         return NULL;
-    static const char *names[3] = {"a", "packed", "c"};
-    static const int ndims[3] = {2, 3, 2};
-    Py_buffer v[3];
-    int held = 0;
-    char code = 0;
-    for (; held < 3; held++) {
-        int flags = PyBUF_C_CONTIGUOUS | PyBUF_FORMAT | (held == 2 ? PyBUF_WRITABLE : 0);
-        if (PyObject_GetBuffer(arrays[held], &v[held], flags) < 0) {
-            PyErr_Clear();
-            PyErr_Format(PyExc_ValueError, "gemm(): %s must be a %sC-contiguous float32 or "
-                         "float64 array", names[held], held == 2 ? "writable " : "");
-            goto fail;
-        }
-        char c = float_code(v[held].format);
-        if (c == 0 || v[held].ndim != ndims[held] || (code != 0 && c != code)) {
-            held++;
-            PyErr_Format(PyExc_ValueError, "gemm(): %s must be a %d-d float32 or float64 "
-                         "array, like the others", names[held - 1], ndims[held - 1]);
-            goto fail;
-        }
-        code = c;
-    }
-    Py_ssize_t M = v[0].shape[0], K = v[0].shape[1], N = v[2].shape[1];
-    if (v[2].shape[0] != M || v[1].shape[0] != panels(N) || v[1].shape[1] != K ||
-        v[1].shape[2] != PANEL) {
-        PyErr_Format(PyExc_ValueError, "gemm(): shapes do not fit: a (%zd, %zd), c (%zd, %zd) "
-                     "need packed (%zd, %zd, %d)", M, K, v[2].shape[0], N, panels(N), K, PANEL);
-        goto fail;
-    }
-    if (overlap(&v[2], &v[0]) || overlap(&v[2], &v[1])) {
-        PyErr_SetString(PyExc_ValueError, "gemm(): c overlaps an input");
-        goto fail;
-    }
+    PyObject *arrays = PyTuple_Pack(3, a, c, packed);
+    if (arrays == NULL)
+        return NULL;
+    Arrays x;
+    int failed = get_arrays(arrays, "gemm", gemm_spec, 3, 1, &x);
+    Py_DECREF(arrays);
+    if (failed)
+        return NULL;
     Py_BEGIN_ALLOW_THREADS
-    if (code == 'd')
-        gemm_double(M, N, K, v[0].buf, v[1].buf, v[2].buf, accumulate);
+    if (x.is_double)
+        gemm_double(x.B, x.N, x.H, ARG(double, 0), ARG(double, 2), ARG(double, 1), accumulate);
     else
-        gemm_float(M, N, K, v[0].buf, v[1].buf, v[2].buf, accumulate);
+        gemm_float(x.B, x.N, x.H, ARG(float, 0), ARG(float, 2), ARG(float, 1), accumulate);
     Py_END_ALLOW_THREADS
-    while (held > 0)
-        PyBuffer_Release(&v[--held]);
+    release_arrays(&x);
     Py_RETURN_NONE;
-fail:
-    while (held > 0)
-        PyBuffer_Release(&v[--held]);
-    return NULL;
 }
 
 /* set_gemm(name): "avx512", "avx2+fma" or "c" (the portable loop); for tests. */
