@@ -130,6 +130,14 @@ def train(config_path: str, overrides: tuple[str, ...], resume: bool, overwrite:
                      f"({result.best_val_loss / math.log(2):.4f} bits/char)")
     else:
         lines.append(f"best train loss {result.best_train_loss:.4f} nats/char (no validation)")
+    from .lab.ngram import stored_baseline
+
+    baseline = stored_baseline(trainer.corpus.files, trainer.cfg.data)  # from `lab ngram`
+    if baseline is not None and result.best_val_loss is not None:
+        b, n_val = baseline["best"], baseline["val_chars"]
+        scope = "" if len(trainer.val_ids) == n_val else f", all {n_val:,} val chars"
+        lines.append(f"n-gram baseline (order {b['order']}, KN{scope}): {b['val_loss']:.4f} "
+                     f"nats/char ({b['val_bpc']:.4f} bits/char)")
     lines.append(f"checkpoints in {result.run_dir} (best: {result.best_checkpoint.name})")
     lines.append(f"sample: charrnn sample --checkpoint {shlex.quote(str(result.run_dir))} "
                  "--seed \"...\" --length 500")
@@ -316,6 +324,261 @@ def info(path: str, as_json: bool) -> None:
     click.echo("config:")
     for section, values in data["config"].items():
         click.echo(f"  {section}: " + ", ".join(f"{k}={v}" for k, v in values.items()))
+
+
+# -- plot ------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path(), metavar="RUN_DIR...")
+@click.option("--output", "-o", required=True, type=click.Path(dir_okay=False),
+              help="The PNG file to write (replaced atomically).")
+@click.option("--label", "labels", multiple=True, metavar="TEXT",
+              help="Legend label of each RUN_DIR, in order; repeat once per run.  [default: "
+                   "each run directory's name, made unique with its parent's]")
+def plot(run_dirs: tuple[str, ...], output: str, labels: tuple[str, ...]) -> None:
+    """Training curves of one or more runs from their metrics.jsonl, overlaid, as a PNG.
+
+    Needs matplotlib: pip install "charrnn[plot]".
+    """
+    from .inspect.plots import plot_runs
+
+    if labels and len(labels) != len(run_dirs):
+        raise click.BadParameter(f"{len(labels)} given for {len(run_dirs)} run(s); give one "
+                                 "per RUN_DIR, or none", param_hint="'--label'")
+    plot_runs(list(run_dirs), output, labels=list(labels) or None)
+    click.echo(f"wrote {output}")
+
+
+# -- inspect ---------------------------------------------------------------------------
+
+
+@cli.group()
+def inspect() -> None:
+    """Look inside a trained model: gradient flow through time, gate saturation, cells."""
+
+
+@inspect.command("gradients")
+@click.option("--checkpoint", required=True, type=click.Path(),
+              help="A .safetensors checkpoint, or a run directory (then its best checkpoint).")
+@click.option("--text", required=True, type=click.Path(),
+              help="UTF-8 text to take the windows from; characters outside the vocabulary "
+                   "are dropped and counted.")
+@click.option("--max-lag", default=100, show_default=True, type=click.IntRange(min=1),
+              help="K: measure lags 0..K back from the last step of each window (may exceed "
+                   "the training seq_length).")
+@click.option("--windows", default=16, show_default=True, type=click.IntRange(min=1),
+              help="N: windows spread evenly over the text; the measures are their means.")
+@click.option("--prime", default=200, show_default=True, type=click.IntRange(min=0),
+              help="P: characters run from the zero state before each window (no gradient).")
+@click.option("--dtype", type=click.Choice(["model", "float32", "float64"]), default="model",
+              show_default=True, help="Arithmetic: the checkpoint's own dtype, or another.")
+@click.option("--json", "as_json", is_flag=True, default=False, show_default=True,
+              help="Print one JSON object (the CONTRACT's) instead of the table.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
+              help="Also write log-scale curves per layer, with the bound, to this PNG; needs "
+                   "the [plot] extra.")
+@click.option("--progress/--no-progress", default=None,
+              help="Show a progress bar.  [default: when stderr is a terminal]")
+def inspect_gradients_(checkpoint: str, text: str, max_lag: int, windows: int, prime: int,
+                       dtype: str, as_json: bool, plot_path: str | None,
+                       progress: bool | None) -> None:
+    """How the gradient and the state Jacobian shrink or grow with the lag, per layer."""
+    from .inspect.gradients import format_table, inspect_gradients
+
+    flow, n_unknown = inspect_gradients(
+        checkpoint, text, max_lag, windows, prime, None if dtype == "model" else dtype,
+        plot_path, sys.stderr.isatty() if progress is None else progress)
+    note = f"unknown     {n_unknown} character(s) outside the vocabulary (skipped)"
+    if as_json:
+        click.echo(json.dumps(flow.to_json()))
+        if n_unknown:
+            click.echo(note, err=True)
+    else:
+        click.echo(format_table(flow))
+        if n_unknown:
+            click.echo(note)
+    if plot_path:
+        from .inspect.plots import plot_gradients
+
+        plot_gradients(flow.to_json(), plot_path)
+        click.echo(f"wrote {plot_path}", err=as_json)
+
+
+@inspect.command("gates")
+@click.option("--checkpoint", required=True, type=click.Path(),
+              help="A .safetensors checkpoint, or a run directory (then its best checkpoint).")
+@click.option("--text", required=True, type=click.Path(),
+              help="UTF-8 text to run the model over; characters outside the vocabulary "
+                   "are dropped and counted.")
+@click.option("--json", "as_json", is_flag=True, default=False, show_default=True,
+              help="Print one JSON object (per layer, gate and unit: left and right "
+                   "saturated fractions) instead of the table.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
+              show_default=True,
+              help="Also write Karpathy's scatter (x left, y right fraction; a point per unit, "
+                   "a panel per layer) to this PNG; needs the [plot] extra.")
+def inspect_gates_(checkpoint: str, text: str, as_json: bool, plot_path: str | None) -> None:
+    """How often each gate and tanh unit is saturated (< 0.1 / > 0.9, tanh: < -0.9 / > 0.9)."""
+    from .inspect.gates import inspect_gates
+
+    report, n_unknown = inspect_gates(checkpoint, text, plot_path)
+    note = f"unknown     {n_unknown} character(s) outside the vocabulary (skipped)"
+    if as_json:
+        click.echo(json.dumps(report.to_json()))
+        if n_unknown:
+            click.echo(note, err=True)
+    else:
+        click.echo(report.table())
+        click.echo(note)
+    if plot_path:
+        from .inspect.plots import plot_gates
+
+        plot_gates(report.to_json(), plot_path)
+        click.echo(f"wrote {plot_path}", err=as_json)
+
+
+@inspect.command("cells")
+@click.option("--checkpoint", required=True, type=click.Path(),
+              help="A .safetensors checkpoint, or a run directory (then its best checkpoint).")
+@click.option("--text", required=True, type=click.Path(),
+              help="UTF-8 text to show; characters outside the vocabulary are dropped and "
+                   "counted.")
+@click.option("--html", "html_path", required=True, type=click.Path(dir_okay=False),
+              help="Write the self-contained page (inline CSS and JS, no network) here.")
+@click.option("--max-chars", default=5000, show_default=True, type=click.IntRange(min=2),
+              help="Show and analyse at most this many characters (after dropping unknown "
+                   "ones) from the start of the text.")
+@click.option("--layer", "layers", multiple=True, type=click.IntRange(min=0),
+              show_default="all layers",
+              help="A layer whose units the page shows and ranks (repeatable).")
+@click.option("--top", default=5, show_default=True, type=click.IntRange(min=1),
+              help="How many of the best-correlated units to list per detector.")
+def inspect_cells_(checkpoint: str, text: str, html_path: str, max_chars: int,
+                   layers: tuple[int, ...], top: int) -> None:
+    """A page of the text coloured by any unit, units ranked by what they track, surprisal."""
+    from .inspect.cells import inspect_cells
+
+    result = inspect_cells(checkpoint, text, html_path, max_chars=max_chars,
+                           layers=layers or None, top=top)
+    click.echo(result.summary())
+
+
+# -- lab -------------------------------------------------------------------------------
+
+
+@cli.group()
+def lab() -> None:
+    """Test the theory: memory span of rnn/lstm/gru, n-gram baselines."""
+
+
+@lab.command("ngram")
+@click.option("--text", required=True,
+              help="The corpus, as training's data.path: a file, a directory, or a glob; "
+                   "\"{stdlib}\" is this Python's standard library folder.")
+@click.option("--order", default=8, show_default=True, type=int,
+              help="Highest n-gram order, at least 1 (an order-n model looks n - 1 "
+                   "characters back); every order from 1 up is scored.")
+@click.option("--val-fraction", default=0.05, show_default=True, type=float,
+              help="Validation tail in (0, 1), as the config's data.val_fraction.")
+@click.option("--test-fraction", default=0.0, show_default=True, type=float,
+              help="Test tail after the validation split, in [0, 1), as data.test_fraction.")
+@click.option("--include", default="*", show_default=True,
+              help="File name pattern when --text is a directory.")
+@click.option("--encoding", default="utf-8", show_default=True, help="Text encoding.")
+@click.option("--json", "as_json", is_flag=True, default=False,
+              help="Print one JSON object: orders, best, train_chars, val_chars, ...")
+def lab_ngram(text: str, order: int, val_fraction: float, test_fraction: float, include: str,
+              encoding: str, as_json: bool) -> None:
+    """Kneser-Ney n-gram baselines: the val loss a recurrent model must beat on a corpus.
+
+    Fits character n-grams of orders 1..--order (interpolated modified Kneser-Ney) on the
+    training split and scores the validation split that `charrnn train` scores. The result
+    is remembered, and the training summary of the same corpus prints it.
+    """
+    from .lab.ngram import ngram_baseline
+
+    r = ngram_baseline(text, order=order, val_fraction=val_fraction,
+                       test_fraction=test_fraction, include=include, encoding=encoding)
+    if as_json:
+        click.echo(json.dumps(r.to_dict()))
+        return
+    click.echo(f"{r.train_chars:,} train chars, {r.val_chars:,} val chars, vocab "
+               f"{r.vocab_size}; {r.smoothing}")
+    click.echo(f"{'order':>5}  {'nats/char':>9}  {'bits/char':>9}  {'perplexity':>10}")
+    for o in r.orders:
+        click.echo(f"{o.order:>5}  {o.val_loss:>9.4f}  {o.val_bpc:>9.4f}  "
+                   f"{math.exp(o.val_loss):>10.3f}")
+    b = r.best
+    click.echo(f"best: order {b.order}, {b.val_loss:.4f} nats/char ({b.val_bpc:.4f} bits/char)")
+
+
+def _int_list(text: str, option: str) -> list[int]:
+    from .errors import ConfigError
+
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(f"{option}: expected comma-separated whole numbers, got {text!r}") \
+            from None
+
+
+@lab.command("memory")
+@click.option("--cells", default="rnn,lstm,gru", show_default=True,
+              help="Comma-separated cells to compare: rnn, lstm, gru.")
+@click.option("--lags", default=None, show_default="1,2,4,8,16,32,64,128; --quick: 2,8,32",
+              help="Comma-separated lags L: the echo repeats the key L steps later.")
+@click.option("--seq-lengths", default=None, show_default="16,64; --quick: 16",
+              help="Comma-separated truncated-BPTT windows (train.seq_length) to train with; "
+                   "batch_size x seq_length is 2048 characters in every run.")
+@click.option("--params", default=20_000, show_default=True, type=int,
+              help="Parameters of every model: each cell's hidden size is chosen to match "
+                   "within 5%.")
+@click.option("--steps", default=None, type=int, show_default="3000; --quick: 1000",
+              help="Most training steps per run; a run stops early, at a check every 500 "
+                   "steps, once it has learned the lag.")
+@click.option("--seed", default=0, show_default=True, type=int,
+              help="Seed of the streams (training, validation and held-out, each its own) "
+                   "and of the models' initialisation.")
+@click.option("--alphabet", default=8, show_default=True, type=int,
+              help="Symbols A of the stream (2 to 26); chance on an echo is ln(A) nats.")
+@click.option("--quick", is_flag=True, default=False,
+              help="A small grid (lags 2,8,32, window 16, at most 1000 steps) that runs in "
+                   "about a minute.  [default: off]")
+@click.option("--json", "as_json", is_flag=True, default=False,
+              help="Print one JSON object {alphabet, chance, results: [...]} instead of the "
+                   "table.  [default: off]")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
+              help="Also write a PNG of echo loss against lag (needs charrnn[plot]).  "
+                   "[default: no plot]")
+def lab_memory(cells: str, lags: str | None, seq_lengths: str | None, params: int,
+               steps: int | None, seed: int, alphabet: int, quick: bool, as_json: bool,
+               plot_path: str | None) -> None:
+    """How far back rnn, lstm and gru remember, against the truncation window.
+
+    Trains each cell, with equal parameter counts and the ordinary trainer, on an echo
+    stream in which a key character comes back L steps later, and scores the echoes alone
+    on held-out text: learned when the echo loss is below 0.1 ln(A). See
+    charrnn/lab/echo.py for the exact stream.
+    """
+    from .lab import memory
+
+    if plot_path:
+        memory.require_plotting()  # no matplotlib: refuse before training, not after
+    report = memory.run_grid(
+        [c.strip() for c in cells.split(",") if c.strip()],
+        _int_list(lags, "--lags") if lags is not None
+        else list(memory.QUICK_LAGS if quick else memory.DEFAULT_LAGS),
+        _int_list(seq_lengths, "--seq-lengths") if seq_lengths is not None
+        else list(memory.QUICK_SEQ_LENGTHS if quick else memory.DEFAULT_SEQ_LENGTHS),
+        params=params,
+        steps=steps if steps is not None else
+        (memory.QUICK_STEPS if quick else memory.DEFAULT_STEPS),
+        seed=seed, alphabet=alphabet, progress=sys.stderr.isatty(),
+    )
+    if plot_path:
+        memory.plot_memory(report, plot_path)
+    click.echo(json.dumps(report) if as_json else memory.format_table(report))
 
 
 def main() -> None:

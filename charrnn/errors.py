@@ -33,6 +33,10 @@ class RunDirError(CharRNNError):
     """The run directory cannot be used (unwritable, locked by another run, full disk)."""
 
 
+class MissingExtraError(CharRNNError):
+    """An optional dependency (a `pip install "charrnn[...]"` extra) is not installed."""
+
+
 class NonFiniteError(CharRNNError):
     """Loss, gradients or weights became NaN/Inf during training."""
 

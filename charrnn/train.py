@@ -31,6 +31,7 @@ from .evaluate import score
 from .fileio import atomic_write_bytes, pid_alive, remove_stale_temps
 from .model import CharRNN
 from .optim import Optimizer, clip_by_global_norm_, learning_rate
+from .signals import TrainingSignals
 
 try:
     import fcntl
@@ -298,6 +299,7 @@ class Trainer:
         self.best_loss: float | None = None  # validation loss (training loss without val)
         self.best_val: float | None = None
         self.elapsed = 0.0
+        self.signals = TrainingSignals(t.grad_clip, cfg.model.cell)  # eval-row extras
         self.val_ids = self.corpus.val
         if t.eval_max_chars and len(self.val_ids) > t.eval_max_chars:
             self.val_ids = self.val_ids[: t.eval_max_chars]
@@ -318,6 +320,7 @@ class Trainer:
             "best_loss": self.best_loss,
             "best_val": self.best_val,
             "elapsed_sec": self.elapsed,
+            "signals": self.signals.state_dict(),
         }
 
     def _restore(self, ckpt: Checkpoint) -> None:
@@ -355,6 +358,7 @@ class Trainer:
             raise CheckpointError(f"{ckpt.path}: incomplete training state ({e})") from None
         self.best_loss, self.best_val = best_loss, best_val
         self.elapsed = elapsed
+        self.signals.load_state_dict(ts.get("signals"))
         self.step = ckpt.step
 
     def _save(self, best: bool = False) -> Path:
@@ -386,6 +390,14 @@ class Trainer:
             return None
         total, count = score(self.model, self.val_ids)
         return total / count
+
+    def _eval_row(self, val: float | None, **row: Any) -> dict[str, Any]:
+        """The metrics row of an evaluation: `row` (step, train loss, lr, ...), the
+        validation loss when there is a validation split, and the training signals."""
+        if val is not None:
+            row = {"step": row.pop("step"), "val_loss": val, "val_bpc": val / math.log(2), **row}
+        val_ids = self.val_ids if val is not None else None
+        return {**row, **self.signals.eval_signals(self.model.params, val_ids)}
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -516,6 +528,7 @@ class Trainer:
                     loss_sum += loss
                     loss_n += 1
                     norm_last = norm
+                    self.signals.record_step(norm)
                     chars_window += chars_per_step
                     self.last_train_loss = loss
                     if now - t_window > 0:
@@ -538,12 +551,10 @@ class Trainer:
                     val = self.validate()
                     train_loss = self.last_train_loss  # of the last update made
                     current = val if val is not None else train_loss
+                    metrics.write(self._eval_row(
+                        val, step=self.step, train_loss=train_loss, lr=lr, grad_norm=norm_last,
+                        chars_per_sec=chars_per_sec, elapsed_sec=self.elapsed))
                     if val is not None:
-                        metrics.write({
-                            "step": self.step, "val_loss": val, "val_bpc": val / math.log(2),
-                            "train_loss": train_loss, "lr": lr, "grad_norm": norm_last,
-                            "chars_per_sec": chars_per_sec, "elapsed_sec": self.elapsed,
-                        })
                         self.best_val = val if self.best_val is None else min(self.best_val, val)
                         if not progress:
                             echo(f"step {self.step}/{t.max_steps}: train loss {train_loss:.4f}, "
