@@ -535,8 +535,8 @@ def _int_list(text: str, option: str) -> list[int]:
               help="Parameters of every model: each cell's hidden size is chosen to match "
                    "within 5%.")
 @click.option("--steps", default=None, type=int, show_default="3000; --quick: 1000",
-              help="Most training steps per run; a run stops early, at a check every 500 "
-                   "steps, once it has learned the lag.")
+              help="Most training steps per run; a run is checked at step 250 and every 500 "
+                   "after, keeps its best model and stops once it has learned the lag.")
 @click.option("--seed", default=0, show_default=True, type=int,
               help="Seed of the streams (training, validation and held-out, each its own) "
                    "and of the models' initialisation.")

@@ -336,27 +336,33 @@ def find_chromium() -> str | None:
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
                   "--no-first-run", "--disable-background-networking",
                   "--disable-component-update", "--disable-sync", "--enable-logging=stderr",
-                  "--v=0"]
+                  "--v=0", "--host-resolver-rules=MAP * ~NOTFOUND"]  # a fetch would fail, loudly
 
 
 def load_in_chromium(binary: str, jobs: list[tuple[str, list[str]]],
-                     tmp: Path) -> list[tuple[str, str]]:
-    """Dump the DOM of each (url, extra flags) after load, all in parallel: [(dom, log)]."""
+                     tmp: Path) -> list[tuple[str, str, list[str]]]:
+    """Dump the DOM of each (url, extra flags) after load, all in parallel: [(dom, log,
+    the http(s) URLs the page asked for)]. The URLs come from Chromium's net log, less the
+    browser's own background requests to Google's hosts (which the resolver rule fails)."""
     procs = []
     for n, (url, extra) in enumerate(jobs):
-        cmd = [binary, *CHROMIUM_FLAGS, f"--user-data-dir={tmp / f'profile{n}'}", *extra,
-               "--dump-dom", url]
+        cmd = [binary, *CHROMIUM_FLAGS, f"--user-data-dir={tmp / f'profile{n}'}",
+               f"--log-net-log={tmp / f'net{n}.json'}", *extra, "--dump-dom", url]
         procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                       text=True, encoding="utf-8", errors="replace"))
     out = []
-    for p in procs:
+    for n, p in enumerate(procs):
         try:
             dom, log = p.communicate(timeout=90)
         except subprocess.TimeoutExpired:
             p.kill()
             dom, log = p.communicate()
         assert p.returncode == 0, log[-2000:]
-        out.append((dom, log))
+        net = tmp / f"net{n}.json"
+        urls = re.findall(r'"url":"(https?://[^"]+)"', net.read_text("utf-8", "replace")
+                          if net.exists() else "")
+        out.append((dom, log, [u for u in set(urls) if not re.match(
+            r"https?://[^/]*\.(google\.com|googleapis\.com|gstatic\.com)[:/]", u)]))
     return out
 
 
@@ -381,7 +387,8 @@ def test_the_page_in_headless_chromium(checkpoint, text_file, tmp_path) -> None:
     assert result.exit_code == 0, result.output
     broken = tmp_path / "broken.html"
     broken.write_text(out.read_text(encoding="utf-8").replace(
-        "var T = D.T;", "var T = D.T; undefinedFunction();", 1), encoding="utf-8")
+        "var T = D.T;", "var T = D.T; undefinedFunction();", 1).replace(
+        "</body>", '<img src="https://cdn.example.invalid/x.png"></body>'), encoding="utf-8")
     # the picker: change the unit box as a user would; its handler sets the hash, and the
     # hashchange handler repaints (asynchronous: the virtual time budget lets it run)
     picked = tmp_path / "picked.html"
@@ -391,17 +398,21 @@ def test_the_page_in_headless_chromium(checkpoint, text_file, tmp_path) -> None:
         " u.dispatchEvent(new Event('change')); });</script></body>")), encoding="utf-8")
     url = out.as_uri()
     wait = ["--virtual-time-budget=5000"]
-    (a, log_a), (b, log_b), (s, log_s), (d, log_d), (p, log_p), (x, log_x) = load_in_chromium(
+    loads = load_in_chromium(
         binary, [(url + "#view=unit&layer=1&kind=cell&unit=2", []),
                  (url + "#view=unit&layer=0&kind=h&unit=3", []),
                  (url + "#view=surprisal&layer=0&kind=h&unit=3", []),
                  (url, []),
                  (picked.as_uri() + "#layer=1&kind=h&unit=0", wait),
                  (broken.as_uri(), [])], tmp_path)
-    # the check for console errors is real: a broken page is caught
+    (a, b, s, d, p, _), (*logs, log_x) = [dom for dom, _, _ in loads], [lg for _, lg, _ in loads]
+    # the checks are real: a broken page's error and its request are caught
     assert any("undefinedFunction" in m for m in console_messages(log_x)), log_x[-3000:]
-    for log in (log_a, log_b, log_s, log_d, log_p):
+    assert loads[-1][2] == ["https://cdn.example.invalid/x.png"]
+    for log in logs:
         assert console_messages(log) == []
+    for _, _, urls in loads[:-1]:
+        assert urls == []  # the page asks the network for nothing
     for dom in (a, b, s, d, p):
         assert len(span_colours(dom)) == 400, dom[:500]
     assert 'data-unit="1/cell/2"' in a and 'data-unit="0/h/3"' in b

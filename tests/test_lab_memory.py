@@ -115,6 +115,10 @@ def test_echo_loss_is_scored_on_the_echo_positions_only(lag):
     total, count = echo.echo_nll(Oracle(vocab, lag, right=False), ids, lag, batch_size=7,
                                  seq_length=13)
     assert total / count == pytest.approx(30.0, abs=1e-6)
+    # one stream, the first 10 blocks only read (the state warming up): 10 echoes fewer
+    total, count = echo.echo_nll(Oracle(vocab, lag), ids, lag, batch_size=1,
+                                 warmup=10 * (lag + 2))
+    assert count == 3000 - 10 and total / count < 1e-9
 
 
 @pytest.mark.parametrize("params", [5_000, 20_000, 60_000])
@@ -142,11 +146,11 @@ def test_impossible_parameter_budget_is_refused():
 
 def test_small_rnn_learns_the_seeds_echo_task(tmp_path):
     """L = 1, seq_length 16: y_t = x_{t-1} on the echo positions, learned to near zero."""
-    row = memory.train_and_score("rnn", 1, 16, params=3000, steps=500, seed=1,
-                                 workdir=tmp_path)
+    row = memory.train_and_score("rnn", 1, 16, params=3000, steps=1000, seed=1,
+                                 stop_below=0.02, workdir=tmp_path)
     assert row["loss"] < 0.05 and row["learned"], row
     assert row["params"] == pytest.approx(3000, rel=0.05)
-    assert row["steps"] <= 500 and row["echo_positions"] >= memory.HELD_OUT_BLOCKS
+    assert row["steps"] <= 1000 and row["echo_positions"] >= memory.HELD_OUT_BLOCKS
     assert list(tmp_path.iterdir()) == []  # the temporary training files are gone
 
 

@@ -126,13 +126,18 @@ def _top_table(r: CellsReport) -> str:
             f"L{r.units[u].layer} {KIND_LABEL[r.units[u].kind]} {r.units[u].unit} "
             f"<b>{rv:+.2f}</b></a>"
             for u, rv in ranked)
-        rows.append(f'<tr><th title="{desc}">{html.escape(name)}</th><td>{links}</td>'
-                    f'<td class="desc">{desc}; nonzero at {support[name]:.1%} of the '
-                    "characters</td></tr>")
+        rows.append(f'<tr><th title="{desc}">{html.escape(name)}</th>'
+                    f'<td class="support" title="the share of characters where the detector '
+                    f'is nonzero">{support[name]:.1%}</td><td>{links}</td></tr>')
     if absent:
-        rows.append('<tr><th></th><td class="absent" colspan="2">constant in this text, '
-                    f"so nothing to track: {', '.join(absent)}</td></tr>")
+        rows.append('<tr><th></th><td></td><td class="absent">constant in this text, so '
+                    f"nothing to track: {', '.join(absent)}</td></tr>")
     return "\n".join(rows)
+
+
+def _detector_list() -> str:
+    return "".join(f"<li><b>{html.escape(name)}</b>: {html.escape(desc)}</li>"
+                   for name, desc in DETECTORS.items())
 
 
 def render_page(r: CellsReport) -> str:
@@ -149,7 +154,8 @@ def render_page(r: CellsReport) -> str:
     layer_opts = "".join(f'<option value="{k}">{k}</option>' for k in layers)
     kind_opts = "".join(f'<option value="{k}">{KIND_LABEL[k]}</option>' for k in kinds)
     return _TEMPLATE.format(
-        title=esc(title), header=header, top_rows=_top_table(r), layer_opts=layer_opts,
+        title=esc(title), header=header, top_rows=_top_table(r), detectors=_detector_list(),
+        layer_opts=layer_opts,
         kind_opts=kind_opts, hidden_max=r.hidden_size - 1, spans=_text_spans(r.text),
         data=_json_for_script(page_data(r)), css=_CSS, js=_JS,
     )
@@ -167,7 +173,9 @@ code { font-size: 0.95em; }
 table.top { border-collapse: collapse; }
 table.top th { text-align: left; padding: 2px 10px 2px 0; font-weight: 600; }
 table.top td { padding: 2px 6px; }
-table.top td.desc, td.absent { color: #777; font-size: 0.9em; }
+table.top td.support, td.absent { color: #777; font-size: 0.9em; text-align: right; }
+table.top td.absent { text-align: left; }
+details { color: #555; font-size: 0.9em; margin: 4px 0; }
 a.unit { display: inline-block; margin: 1px 2px; padding: 0 5px; border: 1px solid #ccc;
   border-radius: 3px; text-decoration: none; color: #124; background: #f6f8fa; }
 a.unit:hover, a.unit.current { background: #dde8ff; border-color: #88a; }
@@ -180,7 +188,7 @@ a.unit:hover, a.unit.current { background: #dde8ff; border-color: #88a; }
 #legend { display: inline-block; vertical-align: middle; margin-left: 1em; font-size: 0.85em; }
 #legend .bar { display: inline-block; width: 160px; height: 12px; vertical-align: middle;
   border: 1px solid #aaa; margin: 0 4px; }
-#legend .bar.unit { background: linear-gradient(to right, rgb(51,51,255), #fff, rgb(255,51,51)); }
+#legend .bar.unit { background: linear-gradient(to right, rgb(77,77,255), #fff, rgb(255,77,77)); }
 #legend .bar.surprisal { background: linear-gradient(to right, #fff, rgb(255,120,20)); }
 #text { font: 13px/1.5 ui-monospace, "DejaVu Sans Mono", monospace; white-space: pre-wrap;
   word-wrap: break-word; border: 1px solid #ddd; padding: 8px; margin-top: 8px; }
@@ -225,7 +233,7 @@ _JS = r"""
     return acts[(b * H + s.unit) * T + t] / D.scale;
   }
   function unitColor(v) {  // blue -1 .. white 0 .. red +1
-    var a = Math.min(1, Math.abs(v)) * 0.8, c = Math.round(255 * (1 - a));
+    var a = Math.min(1, Math.abs(v)) * 0.7, c = Math.round(255 * (1 - a));
     return v >= 0 ? "rgb(255," + c + "," + c + ")" : "rgb(" + c + "," + c + ",255)";
   }
   function surprisalColor(x) {  // white 0 .. dark orange at log V nats
@@ -362,6 +370,8 @@ the model's top predictions.</p>
 <table class="top">
 {top_rows}
 </table>
+<details><summary>What the detectors measure (the % column: the share of characters where
+the detector is nonzero)</summary><ul>{detectors}</ul></details>
 <div id="controls">
 <label>View <select id="view"><option value="unit">unit activation</option>
 <option value="surprisal">surprisal</option></select></label>
