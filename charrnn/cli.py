@@ -563,8 +563,8 @@ def lab_memory(cells: str, lags: str | None, seq_lengths: str | None, params: in
     """
     from .lab import memory
 
-    if plot_path:
-        memory.require_plotting()  # no matplotlib: refuse before training, not after
+    if plot_path:  # no matplotlib, or nowhere to write: refuse before training, not after
+        memory.check_plot_path(plot_path)
     report = memory.run_grid(
         [c.strip() for c in cells.split(",") if c.strip()],
         _int_list(lags, "--lags") if lags is not None
@@ -576,9 +576,9 @@ def lab_memory(cells: str, lags: str | None, seq_lengths: str | None, params: in
         (memory.QUICK_STEPS if quick else memory.DEFAULT_STEPS),
         seed=seed, alphabet=alphabet, progress=sys.stderr.isatty(),
     )
+    click.echo(json.dumps(report) if as_json else memory.format_table(report))
     if plot_path:
         memory.plot_memory(report, plot_path)
-    click.echo(json.dumps(report) if as_json else memory.format_table(report))
 
 
 def main() -> None:

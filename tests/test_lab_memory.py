@@ -224,3 +224,9 @@ def test_cli_help_shows_every_option_and_its_default():
                    "--quick", "--json", "--plot", "--alphabet"):
         assert option in result.output
     assert result.output.count("default:") >= 10
+
+
+def test_cli_refuses_an_unwritable_plot_before_training(tmp_path):
+    result = run("--plot", str(tmp_path / "missing" / "memory.png"))
+    assert result.exit_code == 2
+    assert "memory.png" in result.stderr and result.stdout == ""

@@ -16,7 +16,7 @@ The stream is a run of blocks, each L + 2 characters long, over A data symbols (
 So an echo position can be predicted from the key L steps back, and from nothing else: every
 other character in between is independent of the key. The markers say *when* to store and
 *when* to recall, so knowing which position is an echo position takes no memory and no
-counting (a model needs only the last input: RECALL, or for L = 1 the input after STORE).
+counting (a model needs only the last input or two: RECALL, or at L = 1 STORE before the key).
 And what must be held is one symbol, log2(A) bits, whatever L is: the memory a cell needs
 grows in time span only, not in capacity. Together with the equal parameter counts, this
 is what makes the comparison of cells across lags fair: a cell that fails at a long lag

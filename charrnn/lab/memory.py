@@ -12,9 +12,10 @@ For each (cell, lag L, seq_length) of the grid:
    so that every cell has the same number of parameters (`--params`, within 5%). Every run
    sees the same characters: batch_size x seq_length = CHARS_PER_STEP characters a step,
    so a shorter window means more streams in the batch, the same number of updates. The
-   learning rate is each cell's own (LEARNING_RATES). Training is checked on a validation
-   stream, (seed, 2, L), every few hundred steps; the best model so far is kept, and
-   training stops as soon as it has learned the lag (`train_and_score`);
+   learning rate is each cell's own (LEARNING_RATES). The training text is an epoch of
+   EPOCH_STEPS windows, gone round again from the zero state. Training is checked on a
+   validation stream, (seed, 2, L), every few hundred steps; the best model so far is
+   kept, and training stops as soon as it has learned the lag (`train_and_score`);
 3. score the kept model on the echo positions alone of a held-out stream generated from
    another seed, (seed, 1, L), in one stateful pass from the zero state, the first
    WARMUP_BLOCKS blocks not scored (`charrnn.lab.echo.echo_nll`). Chance is ln(A) nats; a
@@ -70,7 +71,11 @@ LEARNED_FRACTION = 0.1  # learned: echo loss below this fraction of chance
 HELD_OUT_BLOCKS = 2000  # at least this many echo positions in the held-out stream ...
 HELD_OUT_CHARS = 65_536  # ... and at least this many characters
 WARMUP_BLOCKS = 10  # blocks read from the zero state before the scoring starts
-MAX_TRAIN_CHARS = 16 << 20  # a longer run goes round the training text again
+# Windows in an epoch of the training text. The trainer resets the state to zero at each
+# epoch, and the models must meet that state in training: with a single epoch (no zero state
+# after step 0), a gru at L = 4 learned to lean on state set early in training and held ever
+# after, and from the zero state it predicted the echoes confidently wrong (10 nats).
+EPOCH_STEPS = 250
 HORIZON_MAX_LAG = 128  # the gradient horizon is measured up to 2 x the longest lag, <= this
 HORIZON_WINDOWS = 4
 
@@ -158,8 +163,9 @@ except ImportError:  # no `charrnn inspect gradients` in this build: horizons ar
 
 def _train_text(alphabet: int, lag: int, batch: int, seq_length: int, steps: int,
                 seed: int) -> str:
-    """Enough of the echo stream for `steps` windows of batch x seq_length, capped."""
-    chars = min(batch * (steps * seq_length + 1), MAX_TRAIN_CHARS)
+    """One epoch of the echo stream: EPOCH_STEPS windows of batch x seq_length (fewer when
+    `steps` is smaller). The trainer goes round it again, from the zero state, each epoch."""
+    chars = batch * (min(steps, EPOCH_STEPS) * seq_length + 1)
     return echo.generate(alphabet, lag, chars // echo.block_length(lag) + 1, seed=[seed, 0, lag])
 
 
@@ -374,6 +380,18 @@ def require_plotting():
     return require_matplotlib()
 
 
+def check_plot_path(path: str | os.PathLike) -> None:
+    """Refuses (one line) a plot that cannot be written: no matplotlib, the path a
+    directory, or its folder missing or not writable."""
+    require_plotting()
+    path = Path(path)
+    if path.is_dir():
+        raise RunDirError(f"cannot write the plot {path}: it is a directory")
+    folder = path.parent
+    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+        raise RunDirError(f"cannot write the plot {path}: {folder} is not a writable folder")
+
+
 def plot_memory(report: dict[str, Any], path: str | os.PathLike) -> None:
     """Echo loss against lag (log2 axis), one line per (cell, seq_length), with chance,
     the learned threshold and the windows marked; beside it the gradient horizons, when
@@ -424,7 +442,8 @@ def plot_memory(report: dict[str, Any], path: str | os.PathLike) -> None:
         ticks = [2**k for k in range(0, int(math.log2(max_lag)) + 1)]
         ax.set_yticks(ticks, [str(t) for t in ticks])
         ax.plot(lags, lags, color="grey", linewidth=0.8, linestyle="-.")
-        ax.text(lags[-1], lags[-1], "horizon = lag ", ha="right", va="bottom", fontsize=8,
+        middle = lags[len(lags) // 2]
+        ax.text(middle, middle, " horizon = lag", ha="left", va="top", fontsize=8,
                 color="grey")
         ax.set_ylabel("gradient horizon of the trained model (steps)")
         ax.set_title("gradient horizon (grad norm < 1e-3 of lag 0)")
