@@ -321,17 +321,29 @@ def test_seed_with_unknown_character(trained) -> None:
 def test_help_mentions_every_option() -> None:
     top = run("--help")
     assert top.exit_code == 0
-    assert set(cli.commands) == {"train", "sample", "eval", "vocab", "info"}
+    assert set(cli.commands) == {"train", "sample", "eval", "vocab", "info", "inspect", "plot",
+                                 "lab"}
+    groups = {"inspect": {"gradients", "gates", "cells"}, "lab": {"memory", "ngram"}}
     for name, command in cli.commands.items():
         assert name in top.stdout
-        r = run(name, "--help")
-        assert r.exit_code == 0, name
-        for param in command.params:
-            if isinstance(param, click.Option):
-                for opt in [*param.opts, *param.secondary_opts]:
-                    assert opt in r.stdout, (name, opt)
-            else:
-                assert param.name.upper() in r.stdout, (name, param.name)
+        subcommands = getattr(command, "commands", None)
+        if subcommands is not None:  # a group: every subcommand, listed in its --help
+            assert set(subcommands) == groups[name]
+            r = run(name, "--help")
+            assert all(sub in r.stdout for sub in subcommands), (name, r.stdout)
+            todo = [((name, sub), c) for sub, c in subcommands.items()]
+        else:
+            todo = [((name,), command)]
+        for path, leaf in todo:
+            r = run(*path, "--help")
+            assert r.exit_code == 0, path
+            for param in leaf.params:
+                if isinstance(param, click.Option):
+                    assert param.help, (path, param.name)  # every option says what it does
+                    for opt in [*param.opts, *param.secondary_opts]:
+                        assert opt in r.stdout, (path, opt)
+                else:
+                    assert (param.metavar or param.name.upper()) in r.stdout, (path, param.name)
 
 
 # -- as a real process ------------------------------------------------------------------------
