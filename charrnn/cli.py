@@ -389,19 +389,26 @@ def inspect_gradients_(checkpoint: str, text: str, max_lag: int, windows: int, p
     flow, n_unknown = inspect_gradients(
         checkpoint, text, max_lag, windows, prime, None if dtype == "model" else dtype,
         plot_path, sys.stderr.isatty() if progress is None else progress)
+    from .inspect.plots import plot_gradients
+
+    _inspect_report(flow.to_json(), format_table(flow), n_unknown, as_json, plot_path,
+                    plot_gradients)
+
+
+def _inspect_report(data: dict, table: str, n_unknown: int, as_json: bool,
+                    plot_path: str | None, draw) -> None:
+    """Prints an inspection's JSON object (stdout, alone) or its table, the count of
+    unknown characters skipped, and draws the plot when asked."""
     note = f"unknown     {n_unknown} character(s) outside the vocabulary (skipped)"
     if as_json:
-        click.echo(json.dumps(flow.to_json()))
+        click.echo(json.dumps(data))
         if n_unknown:
             click.echo(note, err=True)
     else:
-        click.echo(format_table(flow))
-        if n_unknown:
-            click.echo(note)
+        click.echo(table)
+        click.echo(note)
     if plot_path:
-        from .inspect.plots import plot_gradients
-
-        plot_gradients(flow.to_json(), plot_path)
+        draw(data, plot_path)
         click.echo(f"wrote {plot_path}", err=as_json)
 
 
@@ -421,21 +428,10 @@ def inspect_gradients_(checkpoint: str, text: str, max_lag: int, windows: int, p
 def inspect_gates_(checkpoint: str, text: str, as_json: bool, plot_path: str | None) -> None:
     """How often each gate and tanh unit is saturated (< 0.1 / > 0.9, tanh: < -0.9 / > 0.9)."""
     from .inspect.gates import inspect_gates
+    from .inspect.plots import plot_gates
 
     report, n_unknown = inspect_gates(checkpoint, text, plot_path)
-    note = f"unknown     {n_unknown} character(s) outside the vocabulary (skipped)"
-    if as_json:
-        click.echo(json.dumps(report.to_json()))
-        if n_unknown:
-            click.echo(note, err=True)
-    else:
-        click.echo(report.table())
-        click.echo(note)
-    if plot_path:
-        from .inspect.plots import plot_gates
-
-        plot_gates(report.to_json(), plot_path)
-        click.echo(f"wrote {plot_path}", err=as_json)
+    _inspect_report(report.to_json(), report.table(), n_unknown, as_json, plot_path, plot_gates)
 
 
 @inspect.command("cells")

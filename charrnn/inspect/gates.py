@@ -149,6 +149,9 @@ def inspect_gates(checkpoint: str, text: str,
     ckpt_path = resolve_checkpoint(checkpoint)
     if plot_path:
         check_output_path(Path(plot_path), ckpt_path)
+        from .plots import require_matplotlib
+
+        require_matplotlib()  # without the extra: refused before any work
     ckpt = load_checkpoint(ckpt_path)
     ids, n_unknown = load_text_ids(text, ckpt.vocab, unknown="skip")
     return gate_saturation(ckpt.params, ckpt.config.model.cell, ids), n_unknown

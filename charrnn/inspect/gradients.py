@@ -266,8 +266,8 @@ def inspect_gradients(checkpoint: str, text: str, max_lag: int = 100, windows: i
     if plot_path:
         from .plots import require_matplotlib
 
-        require_matplotlib()
         check_output_path(Path(plot_path), ckpt_path)
+        require_matplotlib()
     ckpt = load_checkpoint(ckpt_path)
     ids, n_unknown = load_text_ids(text, ckpt.vocab, unknown="skip")
     window_starts(len(ids), max_lag, windows, prime)  # refuse a short text before any work

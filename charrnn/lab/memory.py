@@ -383,13 +383,13 @@ def require_plotting():
 def check_plot_path(path: str | os.PathLike) -> None:
     """Refuses (one line) a plot that cannot be written: no matplotlib, the path a
     directory, or its folder missing or not writable."""
-    require_plotting()
     path = Path(path)
     if path.is_dir():
         raise RunDirError(f"cannot write the plot {path}: it is a directory")
     folder = path.parent
     if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
         raise RunDirError(f"cannot write the plot {path}: {folder} is not a writable folder")
+    require_plotting()
 
 
 def plot_memory(report: dict[str, Any], path: str | os.PathLike) -> None:
