@@ -40,14 +40,15 @@
 #pragma STDC FP_CONTRACT OFF
 #endif
 
-/* On x86-64 Linux with GCC, every elementwise kernel is also compiled for AVX-512 and AVX2,
- * and the best version the CPU runs is picked when the module loads (an ifunc): 16 or 8
- * float32 lanes instead of SSE2's 4.  The same IEEE operations in every version. */
+/* On x86-64 Linux with GCC and glibc, every elementwise kernel is compiled three times from
+ * one body (DEFINE_VARIANT below): for AVX-512 ("avx512", target avx512f: 16 float32 lanes),
+ * AVX2 ("avx2": 8) and baseline x86-64 ("baseline", SSE2: 4), the same IEEE operations in
+ * each.  When the module loads it takes the best one the CPU runs (__builtin_cpu_supports);
+ * set_kernels switches between them, for tests.  Elsewhere (MSVC, clang, musl, other CPUs)
+ * only the baseline is compiled. */
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__) &&   \
-    defined(__GLIBC__) /* ifuncs: glibc's, not musl's */
-#define KERNEL __attribute__((target_clones("avx512f", "avx2", "default"))) static void
-#else
-#define KERNEL static void
+    defined(__GLIBC__)
+#define KERNEL_VARIANTS 1
 #endif
 
 /* The GEMM has hand-written AVX-512 and AVX2 + FMA micro-kernels on x86-64 (GCC or clang),
@@ -132,7 +133,7 @@ static inline double gate_f64(double u) { return tanh(u) * 0.5 + 0.5; }
 
 /* The version of the functions this module offers; charrnn.cells ignores a build whose API
  * differs from the one it was written for (a stale build left by a failed rebuild). */
-#define API 2
+#define API 3
 
 static Py_ssize_t panels(Py_ssize_t n) { return (n + PANEL - 1) / PANEL; }
 
@@ -397,10 +398,12 @@ static int gemm_available(const char *name)
  * tanh_c: tanh_c[t], h: hs[t+1], all (B, H).
  *   a = tanh(a) * scale + shift   (scale, shift = 0.5, 0.5 on i, f, o; 1, 0 on g)
  *   c = f * c_prev + i * g;  tanh_c = tanh(c);  h = o * tanh_c                            */
-#define DEFINE_LSTM_FWD_STEP(real, TANH, GATE)                                              \
-    KERNEL lstm_fwd_step_##real(Py_ssize_t B, Py_ssize_t H, real *restrict a,               \
-                                const real *restrict c_prev, real *restrict c,              \
-                                real *restrict tanh_c, real *restrict h)                    \
+#define DEFINE_LSTM_FWD_STEP(V, TARGET, real, TANH, GATE)                                   \
+    TARGET static void lstm_fwd_step_##real##_##V(Py_ssize_t B, Py_ssize_t H,               \
+                                                  real *restrict a,                         \
+                                                  const real *restrict c_prev,              \
+                                                  real *restrict c, real *restrict tanh_c,  \
+                                                  real *restrict h)                         \
     {                                                                                       \
         for (Py_ssize_t b = 0; b < B; b++) {                                                \
             real *ab = a + b * 4 * H;                                                       \
@@ -429,11 +432,14 @@ static int gemm_available(const char *name)
  *   dh += dh_in;  dc += dh * o * (1 - tanh_c^2);
  *   d = [dc * g * i(1-i), dc * c_prev * f(1-f), dc * i * (1-g^2), dh * tanh_c * o(1-o)];
  *   dc *= f                                                                               */
-#define DEFINE_LSTM_BWD_STEP(real)                                                          \
-    KERNEL lstm_bwd_step_##real(Py_ssize_t B, Py_ssize_t H, real *restrict dh,              \
-                                real *restrict dc, const real *restrict dh_in,              \
-                                const real *restrict a, const real *restrict c_prev,        \
-                                const real *restrict tanh_c, real *restrict d)              \
+#define DEFINE_LSTM_BWD_STEP(V, TARGET, real)                                               \
+    TARGET static void lstm_bwd_step_##real##_##V(Py_ssize_t B, Py_ssize_t H,               \
+                                                  real *restrict dh, real *restrict dc,     \
+                                                  const real *restrict dh_in,               \
+                                                  const real *restrict a,                   \
+                                                  const real *restrict c_prev,              \
+                                                  const real *restrict tanh_c,              \
+                                                  real *restrict d)                         \
     {                                                                                       \
         const real one = 1;                                                                 \
         for (Py_ssize_t b = 0; b < B; b++) {                                                \
@@ -459,11 +465,13 @@ static int gemm_available(const char *name)
  * 0.5; rec (B, 3H); b_hn (H,); h_prev: hs[t]; outputs hn: hn[t], h: hs[t+1] (B, H).
  *   rz = tanh(rz + rec_rz) * 0.5 + 0.5;  hn = rec_n + b_hn;  n = tanh(n + r * hn);
  *   h = n + z * (h_prev - n)                                                              */
-#define DEFINE_GRU_FWD_STEP(real, TANH, GATE)                                               \
-    KERNEL gru_fwd_step_##real(Py_ssize_t B, Py_ssize_t H, real *restrict a,                \
-                               const real *restrict rec, const real *restrict b_hn,         \
-                               const real *restrict h_prev, real *restrict hn,              \
-                               real *restrict h)                                            \
+#define DEFINE_GRU_FWD_STEP(V, TARGET, real, TANH, GATE)                                    \
+    TARGET static void gru_fwd_step_##real##_##V(Py_ssize_t B, Py_ssize_t H,                \
+                                                 real *restrict a,                          \
+                                                 const real *restrict rec,                  \
+                                                 const real *restrict b_hn,                 \
+                                                 const real *restrict h_prev,               \
+                                                 real *restrict hn, real *restrict h)       \
     {                                                                                       \
         for (Py_ssize_t b = 0; b < B; b++) {                                                \
             real *ab = a + b * 3 * H;                                                       \
@@ -486,11 +494,14 @@ static int gemm_available(const char *name)
  * acts[t] (B, 3H) holding r, z and f_n; f_z: f_z[t], f_r: f_r[t] (B, H); outputs dn:
  * dn_pre[t] (B, H), q: drec[t] (B, 3H).
  *   dh += dh_in;  dn = dh * f_n;  q = [dn * f_r, dh * f_z, dn * r];  dh *= z              */
-#define DEFINE_GRU_BWD_STEP(real)                                                           \
-    KERNEL gru_bwd_step_##real(Py_ssize_t B, Py_ssize_t H, real *restrict dh,               \
-                               const real *restrict dh_in, const real *restrict acts,       \
-                               const real *restrict f_z, const real *restrict f_r,          \
-                               real *restrict dn, real *restrict q)                         \
+#define DEFINE_GRU_BWD_STEP(V, TARGET, real)                                                \
+    TARGET static void gru_bwd_step_##real##_##V(Py_ssize_t B, Py_ssize_t H,                \
+                                                 real *restrict dh,                         \
+                                                 const real *restrict dh_in,                \
+                                                 const real *restrict acts,                 \
+                                                 const real *restrict f_z,                  \
+                                                 const real *restrict f_r,                  \
+                                                 real *restrict dn, real *restrict q)       \
     {                                                                                       \
         for (Py_ssize_t b = 0; b < B; b++) {                                                \
             const real *r = acts + b * 3 * H, *z = r + H, *f_n = r + 2 * H;                 \
@@ -509,17 +520,19 @@ static int gemm_available(const char *name)
     }
 
 /* Vanilla RNN forward: h = tanh(a), a: xproj[t] + hs[t] @ W_hh.T, all (B, H). */
-#define DEFINE_RNN_FWD_STEP(real, TANH)                                                     \
-    KERNEL rnn_fwd_step_##real(Py_ssize_t n, const real *restrict a, real *restrict h)      \
+#define DEFINE_RNN_FWD_STEP(V, TARGET, real, TANH)                                          \
+    TARGET static void rnn_fwd_step_##real##_##V(Py_ssize_t n, const real *restrict a,      \
+                                                 real *restrict h)                          \
     {                                                                                       \
         for (Py_ssize_t k = 0; k < n; k++)                                                  \
             h[k] = TANH(a[k]);                                                              \
     }
 
 /* Vanilla RNN backward, before dh = dpre[t] @ W_hh: dh += dh_in; dpre *= dh, all (B, H). */
-#define DEFINE_RNN_BWD_STEP(real)                                                           \
-    KERNEL rnn_bwd_step_##real(Py_ssize_t n, real *restrict dh, const real *restrict dh_in, \
-                               real *restrict dpre)                                         \
+#define DEFINE_RNN_BWD_STEP(V, TARGET, real)                                                \
+    TARGET static void rnn_bwd_step_##real##_##V(Py_ssize_t n, real *restrict dh,           \
+                                                 const real *restrict dh_in,                \
+                                                 real *restrict dpre)                       \
     {                                                                                       \
         for (Py_ssize_t k = 0; k < n; k++) {                                                \
             real dhk = dh[k] + dh_in[k];                                                    \
@@ -528,18 +541,80 @@ static int gemm_available(const char *name)
         }                                                                                   \
     }
 
-DEFINE_LSTM_FWD_STEP(float, tanh_f32, gate_f32)
-DEFINE_LSTM_FWD_STEP(double, tanh_f64, gate_f64)
-DEFINE_LSTM_BWD_STEP(float)
-DEFINE_LSTM_BWD_STEP(double)
-DEFINE_GRU_FWD_STEP(float, tanh_f32, gate_f32)
-DEFINE_GRU_FWD_STEP(double, tanh_f64, gate_f64)
-DEFINE_GRU_BWD_STEP(float)
-DEFINE_GRU_BWD_STEP(double)
-DEFINE_RNN_FWD_STEP(float, tanh_f32)
-DEFINE_RNN_FWD_STEP(double, tanh_f64)
-DEFINE_RNN_BWD_STEP(float)
-DEFINE_RNN_BWD_STEP(double)
+/* The kernels above, each for float and double, in one table per variant. */
+#define STEP_KERNEL_FIELDS(real)                                                            \
+    void (*lstm_fwd_step_##real)(Py_ssize_t, Py_ssize_t, real *, const real *, real *,      \
+                                 real *, real *);                                           \
+    void (*lstm_bwd_step_##real)(Py_ssize_t, Py_ssize_t, real *, real *, const real *,      \
+                                 const real *, const real *, const real *, real *);         \
+    void (*gru_fwd_step_##real)(Py_ssize_t, Py_ssize_t, real *, const real *, const real *, \
+                                const real *, real *, real *);                              \
+    void (*gru_bwd_step_##real)(Py_ssize_t, Py_ssize_t, real *, const real *, const real *, \
+                                const real *, const real *, real *, real *);                \
+    void (*rnn_fwd_step_##real)(Py_ssize_t, const real *, real *);                          \
+    void (*rnn_bwd_step_##real)(Py_ssize_t, real *, const real *, real *);
+typedef struct {
+    const char *name;
+    STEP_KERNEL_FIELDS(float)
+    STEP_KERNEL_FIELDS(double)
+} StepKernels;
+
+#define STEP_KERNEL_TABLE(V, real)                                                          \
+    .lstm_fwd_step_##real = lstm_fwd_step_##real##_##V,                                     \
+    .lstm_bwd_step_##real = lstm_bwd_step_##real##_##V,                                     \
+    .gru_fwd_step_##real = gru_fwd_step_##real##_##V,                                       \
+    .gru_bwd_step_##real = gru_bwd_step_##real##_##V,                                       \
+    .rnn_fwd_step_##real = rnn_fwd_step_##real##_##V,                                       \
+    .rnn_bwd_step_##real = rnn_bwd_step_##real##_##V
+
+/* Variant V of every elementwise kernel, compiled with the attribute TARGET, and its table
+ * step_kernels_V. */
+#define DEFINE_VARIANT(V, TARGET)                                                           \
+    DEFINE_LSTM_FWD_STEP(V, TARGET, float, tanh_f32, gate_f32)                              \
+    DEFINE_LSTM_FWD_STEP(V, TARGET, double, tanh_f64, gate_f64)                             \
+    DEFINE_LSTM_BWD_STEP(V, TARGET, float)                                                  \
+    DEFINE_LSTM_BWD_STEP(V, TARGET, double)                                                 \
+    DEFINE_GRU_FWD_STEP(V, TARGET, float, tanh_f32, gate_f32)                               \
+    DEFINE_GRU_FWD_STEP(V, TARGET, double, tanh_f64, gate_f64)                              \
+    DEFINE_GRU_BWD_STEP(V, TARGET, float)                                                   \
+    DEFINE_GRU_BWD_STEP(V, TARGET, double)                                                  \
+    DEFINE_RNN_FWD_STEP(V, TARGET, float, tanh_f32)                                         \
+    DEFINE_RNN_FWD_STEP(V, TARGET, double, tanh_f64)                                        \
+    DEFINE_RNN_BWD_STEP(V, TARGET, float)                                                   \
+    DEFINE_RNN_BWD_STEP(V, TARGET, double)                                                  \
+    static const StepKernels step_kernels_##V = {                                           \
+        .name = #V, STEP_KERNEL_TABLE(V, float), STEP_KERNEL_TABLE(V, double)};
+
+DEFINE_VARIANT(baseline, )
+#ifdef KERNEL_VARIANTS
+DEFINE_VARIANT(avx2, __attribute__((target("avx2"))))
+DEFINE_VARIANT(avx512, __attribute__((target("avx512f"))))
+#endif
+
+/* The variants compiled here, best first; and the one the kernels below call, the best the
+ * CPU runs, set when the module loads (set_kernels changes it, for tests). */
+static const StepKernels *const VARIANTS[] = {
+#ifdef KERNEL_VARIANTS
+    &step_kernels_avx512,
+    &step_kernels_avx2,
+#endif
+    &step_kernels_baseline,
+};
+#define NUM_VARIANTS ((int)(sizeof(VARIANTS) / sizeof(VARIANTS[0])))
+static const StepKernels *step_kernels = &step_kernels_baseline;
+
+/* Whether this CPU runs the variant. */
+static int variant_runs(const StepKernels *v)
+{
+#ifdef KERNEL_VARIANTS
+    __builtin_cpu_init();
+    if (v == &step_kernels_avx512)
+        return __builtin_cpu_supports("avx512f");
+    if (v == &step_kernels_avx2)
+        return __builtin_cpu_supports("avx2");
+#endif
+    return v == &step_kernels_baseline;
+}
 
 /* ---- whole windows: the loops of cells.py ------------------------------------------------
  * Shapes: T steps, B batch, H hidden, G = gates * H; hs, cs (T+1, B, H) with the initial
@@ -552,10 +627,12 @@ DEFINE_RNN_BWD_STEP(double)
                                     const real *packed, real *hs, real *cs, real *tanh_c)   \
     {                                                                                       \
         Py_ssize_t BH = B * H, BG = 4 * BH;                                                 \
+        const StepKernels *kernels = step_kernels;                                          \
         for (Py_ssize_t t = 0; t < T; t++) {                                                \
             gemm_##real(B, 4 * H, H, hs + t * BH, packed, acts + t * BG, 1);                \
-            lstm_fwd_step_##real(B, H, acts + t * BG, cs + t * BH, cs + (t + 1) * BH,       \
-                                 tanh_c + t * BH, hs + (t + 1) * BH);                       \
+            kernels->lstm_fwd_step_##real(B, H, acts + t * BG, cs + t * BH,                 \
+                                          cs + (t + 1) * BH, tanh_c + t * BH,               \
+                                          hs + (t + 1) * BH);                               \
         }                                                                                   \
     }
 
@@ -567,9 +644,10 @@ DEFINE_RNN_BWD_STEP(double)
                                      real *dc, real *dpre)                                  \
     {                                                                                       \
         Py_ssize_t BH = B * H, BG = 4 * BH;                                                 \
+        const StepKernels *kernels = step_kernels;                                          \
         for (Py_ssize_t t = T - 1; t >= 0; t--) {                                           \
-            lstm_bwd_step_##real(B, H, dh, dc, dhs + t * BH, acts + t * BG, cs + t * BH,    \
-                                 tanh_c + t * BH, dpre + t * BG);                           \
+            kernels->lstm_bwd_step_##real(B, H, dh, dc, dhs + t * BH, acts + t * BG,        \
+                                          cs + t * BH, tanh_c + t * BH, dpre + t * BG);     \
             gemm_##real(B, H, 4 * H, dpre + t * BG, packed, dh, 0);                         \
         }                                                                                   \
     }
@@ -581,10 +659,11 @@ DEFINE_RNN_BWD_STEP(double)
                                    real *hn, real *rec)                                     \
     {                                                                                       \
         Py_ssize_t BH = B * H, BG = 3 * BH;                                                 \
+        const StepKernels *kernels = step_kernels;                                          \
         for (Py_ssize_t t = 0; t < T; t++) {                                                \
             gemm_##real(B, 3 * H, H, hs + t * BH, packed, rec, 0);                          \
-            gru_fwd_step_##real(B, H, acts + t * BG, rec, b_hn, hs + t * BH, hn + t * BH,   \
-                                hs + (t + 1) * BH);                                         \
+            kernels->gru_fwd_step_##real(B, H, acts + t * BG, rec, b_hn, hs + t * BH,       \
+                                         hn + t * BH, hs + (t + 1) * BH);                   \
         }                                                                                   \
     }
 
@@ -596,9 +675,11 @@ DEFINE_RNN_BWD_STEP(double)
                                     real *dn, real *drec)                                   \
     {                                                                                       \
         Py_ssize_t BH = B * H, BG = 3 * BH;                                                 \
+        const StepKernels *kernels = step_kernels;                                          \
         for (Py_ssize_t t = T - 1; t >= 0; t--) {                                           \
-            gru_bwd_step_##real(B, H, dh, dhs + t * BH, acts + t * BG, f_z + t * BH,        \
-                                f_r + t * BH, dn + t * BH, drec + t * BG);                  \
+            kernels->gru_bwd_step_##real(B, H, dh, dhs + t * BH, acts + t * BG,             \
+                                         f_z + t * BH, f_r + t * BH, dn + t * BH,           \
+                                         drec + t * BG);                                    \
             gemm_##real(B, H, 3 * H, drec + t * BG, packed, dh, 1);                         \
         }                                                                                   \
     }
@@ -609,9 +690,10 @@ DEFINE_RNN_BWD_STEP(double)
                                    const real *packed, real *hs)                            \
     {                                                                                       \
         Py_ssize_t BH = B * H;                                                              \
+        const StepKernels *kernels = step_kernels;                                          \
         for (Py_ssize_t t = 0; t < T; t++) {                                                \
             gemm_##real(B, H, H, hs + t * BH, packed, xproj + t * BH, 1);                   \
-            rnn_fwd_step_##real(BH, xproj + t * BH, hs + (t + 1) * BH);                     \
+            kernels->rnn_fwd_step_##real(BH, xproj + t * BH, hs + (t + 1) * BH);            \
         }                                                                                   \
     }
 
@@ -623,8 +705,9 @@ DEFINE_RNN_BWD_STEP(double)
                                     real *dpre)                                             \
     {                                                                                       \
         Py_ssize_t BH = B * H;                                                              \
+        const StepKernels *kernels = step_kernels;                                          \
         for (Py_ssize_t t = T - 1; t >= 0; t--) {                                           \
-            rnn_bwd_step_##real(BH, dh, dhs + t * BH, dpre + t * BH);                       \
+            kernels->rnn_bwd_step_##real(BH, dh, dhs + t * BH, dpre + t * BH);              \
             gemm_##real(B, H, H, dpre + t * BH, packed, dh, 0);                             \
         }                                                                                   \
     }
@@ -824,14 +907,14 @@ WRAPPER(rnn_backward, 1, ARGS4,
  * recurrent product of a single row is numpy's: lstm_step(a, c_prev, c, tanh_c, h) and
  * rnn_step(a, h) take the pre-activations with that product already added, gru_step(a, rec,
  * b_hn, h_prev, hn, h) takes it apart, as the window loops above do. */
-#define lstm_step_float lstm_fwd_step_float
-#define lstm_step_double lstm_fwd_step_double
-#define gru_step_float gru_fwd_step_float
-#define gru_step_double gru_fwd_step_double
+#define lstm_step_float step_kernels->lstm_fwd_step_float
+#define lstm_step_double step_kernels->lstm_fwd_step_double
+#define gru_step_float step_kernels->gru_fwd_step_float
+#define gru_step_double step_kernels->gru_fwd_step_double
 #define DEFINE_RNN_STEP(real)                                                               \
     static void rnn_step_##real(Py_ssize_t B, Py_ssize_t H, const real *a, real *h)         \
     {                                                                                       \
-        rnn_fwd_step_##real(B * H, a, h);                                                   \
+        step_kernels->rnn_fwd_step_##real(B * H, a, h);                                     \
     }
 DEFINE_RNN_STEP(float)
 DEFINE_RNN_STEP(double)
@@ -899,6 +982,72 @@ static PyObject *py_gemm_name(PyObject *self, PyObject *args)
     return PyUnicode_FromString(GEMM_NAMES[gemm_kind]);
 }
 
+/* gemm_variants(): the GEMMs this CPU runs, best first. */
+static PyObject *py_gemm_variants(PyObject *self, PyObject *args)
+{
+    (void)self;
+    (void)args;
+    int best = gemm_available(NULL);
+    PyObject *names = PyTuple_New(best + 1);
+    for (int kind = best; names != NULL && kind >= GEMM_C; kind--) {
+        PyObject *name = PyUnicode_FromString(GEMM_NAMES[kind]);
+        if (name == NULL) {
+            Py_CLEAR(names);
+            break;
+        }
+        PyTuple_SET_ITEM(names, best - kind, name);
+    }
+    return names;
+}
+
+/* set_kernels(name): the "avx512", "avx2" or "baseline" variant of the elementwise kernels;
+ * for tests. */
+static PyObject *py_set_kernels(PyObject *self, PyObject *args)
+{
+    (void)self;
+    const char *name;
+    if (!PyArg_ParseTuple(args, "s:set_kernels", &name))
+        return NULL;
+    for (int k = 0; k < NUM_VARIANTS; k++) {
+        if (strcmp(name, VARIANTS[k]->name) == 0 && variant_runs(VARIANTS[k])) {
+            step_kernels = VARIANTS[k];
+            Py_RETURN_NONE;
+        }
+    }
+    PyErr_Format(PyExc_ValueError, "set_kernels(): %s is not available here", name);
+    return NULL;
+}
+
+/* kernels_name(): the variant of the elementwise kernels in use. */
+static PyObject *py_kernels_name(PyObject *self, PyObject *args)
+{
+    (void)self;
+    (void)args;
+    return PyUnicode_FromString(step_kernels->name);
+}
+
+/* kernel_variants(): the variants of the elementwise kernels compiled here that this CPU
+ * runs, best first. */
+static PyObject *py_kernel_variants(PyObject *self, PyObject *args)
+{
+    (void)self;
+    (void)args;
+    PyObject *names = PyList_New(0);
+    for (int k = 0; names != NULL && k < NUM_VARIANTS; k++) {
+        if (!variant_runs(VARIANTS[k]))
+            continue;
+        PyObject *name = PyUnicode_FromString(VARIANTS[k]->name);
+        if (name == NULL || PyList_Append(names, name) < 0)
+            Py_CLEAR(names);
+        Py_XDECREF(name);
+    }
+    if (names == NULL)
+        return NULL;
+    PyObject *tuple = PyList_AsTuple(names);
+    Py_DECREF(names);
+    return tuple;
+}
+
 static PyMethodDef methods[] = {
     {"lstm_forward", py_lstm_forward, METH_VARARGS,
      "lstm_forward(acts, packed, hs, cs, tanh_c): the LSTM forward loop of a window."},
@@ -923,6 +1072,16 @@ static PyMethodDef methods[] = {
      "set_gemm(name): the \"avx512\" or \"avx2+fma\" micro-kernels or the portable \"c\" "
      "loop."},
     {"gemm_name", py_gemm_name, METH_NOARGS, "gemm_name(): the GEMM in use."},
+    {"gemm_variants", py_gemm_variants, METH_NOARGS,
+     "gemm_variants(): the GEMMs this CPU runs, best first."},
+    {"set_kernels", py_set_kernels, METH_VARARGS,
+     "set_kernels(name): the \"avx512\", \"avx2\" or \"baseline\" variant of the "
+     "elementwise kernels."},
+    {"kernels_name", py_kernels_name, METH_NOARGS,
+     "kernels_name(): the variant of the elementwise kernels in use."},
+    {"kernel_variants", py_kernel_variants, METH_NOARGS,
+     "kernel_variants(): the variants of the elementwise kernels this CPU runs, best "
+     "first."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -939,6 +1098,9 @@ static struct PyModuleDef module = {
 PyMODINIT_FUNC PyInit__fused(void)
 {
     gemm_kind = gemm_available(NULL);
+    for (int k = NUM_VARIANTS - 1; k >= 0; k--) /* the best one this CPU runs */
+        if (variant_runs(VARIANTS[k]))
+            step_kernels = VARIANTS[k];
     PyObject *m = PyModule_Create(&module);
     if (m == NULL)
         return NULL;

@@ -48,12 +48,20 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+KERNELS_API = 3  # the _fused functions this module calls; a stale build has another API
 try:
     from . import _fused
-except ImportError:  # not built (no C compiler at install time): numpy only
+except ImportError as error:  # not built (no C compiler at install time): numpy only
     _fused = None
-KERNELS_API = 2  # the _fused functions this module calls; a stale build has another API
-if os.environ.get("CHARRNN_ACCEL") == "0" or getattr(_fused, "API", None) != KERNELS_API:
+    _UNUSABLE = f"the compiled extension charrnn._fused is not built ({error})"
+else:
+    _UNUSABLE = None
+    if (_api := getattr(_fused, "API", None)) != KERNELS_API:  # left by a failed rebuild
+        _UNUSABLE = (
+            f"the compiled extension charrnn._fused is stale (API {_api}; this charrnn needs "
+            f"{KERNELS_API}): rebuild it with `pip install -e .`"
+        )
+if os.environ.get("CHARRNN_ACCEL") == "0" or _UNUSABLE:
     _fused = None
 
 State = tuple[np.ndarray, ...]
@@ -71,6 +79,12 @@ def buffer(ws: Workspace, name: str, shape: tuple[int, ...], dtype: np.dtype) ->
 def accelerated() -> bool:
     """Whether the step loops run the compiled kernels of charrnn/_fused.c."""
     return _fused is not None
+
+
+def build_problem() -> str | None:
+    """Why the compiled kernels cannot run whatever CHARRNN_ACCEL says (the extension is not
+    built, or built from other sources), or None where they can. For CI: tests/conftest.py."""
+    return _UNUSABLE
 
 
 def kernels(*arrays: np.ndarray) -> Any:

@@ -9,6 +9,10 @@ training also carry the full training state so that `--resume` is exact:
     state.l{k}.h / .c        hidden state carried into the next window (tensors)
     metadata "train_state"   JSON: RNG state, data position, best loss, ...
 
+Every file written here also carries metadata "digest", a checksum of all its tensors and
+metadata (`checkpoint_digest`), which every load checks: bit rot on disk is found, not
+loaded. Files written before checksums have none and load as they always did.
+
 Writing goes to a temporary file in the same directory (its name never ends in
 .safetensors), is fsynced, then renamed over the target: a crash at any moment leaves
 either the old file or the new one, never a half-written one.
@@ -16,10 +20,12 @@ either the old file or the new one, never a half-written one.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +45,9 @@ FORMAT_VERSION = "1"
 BEST = "best.safetensors"
 _STEP_FILE = re.compile(r"^ckpt-(\d{8,})\.safetensors$")
 MAX_METADATA_CHARS = 64 << 20
+DIGEST_KEY = "digest"
+DIGEST_ALGORITHM = "sha256"  # the fastest in hashlib where the CPU has SHA instructions
+_DIGEST_VALUE = re.compile(r"^(sha256|blake2b):([0-9a-f]+)$")  # both are checked on load
 
 
 @dataclass
@@ -60,6 +69,52 @@ class Checkpoint:
 def model_shape(cfg: Config, vocab_size: int) -> ModelShape:
     m = cfg.model
     return ModelShape(m.cell, vocab_size, m.hidden_size, m.num_layers, m.embedding_size, m.dropout)
+
+
+# -- the checksum -------------------------------------------------------------------------
+
+
+def checkpoint_digest(
+    tensors: Mapping[str, np.ndarray],
+    metadata: Mapping[str, str],
+    algorithm: str = DIGEST_ALGORITHM,
+) -> str:
+    """The checksum stored in a checkpoint's metadata "digest": "<algorithm>:<hex digest>"
+    of this byte stream:
+
+    - for each tensor, in sorted name order: the line `json.dumps([name, dtype, shape])`
+      and a newline (dtype as numpy's little-endian type string: "<f4", "<f8", "<i8"),
+      then the tensor's bytes, C order, little-endian;
+    - then for each metadata key but "digest", in sorted order: the line
+      `json.dumps([key, value])` and a newline.
+
+    It depends on the names, dtypes, shapes and values only, not on how safetensors lays
+    them out. hashlib releases the GIL while it hashes, so it can run beside other work."""
+    h = hashlib.new(algorithm)
+    for name in sorted(tensors):
+        t = tensors[name]
+        le = t.dtype.newbyteorder("<")
+        h.update((json.dumps([name, le.str, list(t.shape)]) + "\n").encode())
+        h.update(np.ascontiguousarray(t, dtype=le).reshape(-1).view(np.uint8))
+    for key in sorted(metadata):
+        if key != DIGEST_KEY:
+            h.update((json.dumps([key, metadata[key]]) + "\n").encode())
+    return f"{algorithm}:{h.hexdigest()}"
+
+
+def _stored_digest(meta: Mapping[str, str], path: Path) -> tuple[str, str] | None:
+    """(algorithm, stored value) of a file's checksum; None for a file from before them."""
+    value = meta.get(DIGEST_KEY)
+    if value is None:
+        # a checksum under another key: the name "digest" itself was damaged
+        renamed = next((k for k, v in meta.items() if _DIGEST_VALUE.match(v)), None)
+        if renamed is not None:
+            raise CheckpointError(f"{path}: damaged: its checksum is under the key {renamed!r}")
+        return None
+    m = _DIGEST_VALUE.match(value)
+    if not m or len(m.group(2)) != 2 * hashlib.new(m.group(1)).digest_size:
+        raise CheckpointError(f"{path}: damaged: its checksum {value[:80]!r} is malformed")
+    return m.group(1), value
 
 
 # -- writing ----------------------------------------------------------------------------
@@ -89,7 +144,22 @@ def save_checkpoint(
     }
     if train_state is not None:
         metadata["train_state"] = json.dumps(train_state)
-    atomic_write_bytes(Path(path), save(tensors, metadata=metadata))
+    # The checksum is computed on a second thread while safetensors serializes the file
+    # with a placeholder of the same length in its place, and the file is written; it is
+    # put over the placeholder just before the fsync.
+    algorithm = DIGEST_ALGORITHM
+    placeholder = f"{algorithm}:" + "0" * (2 * hashlib.new(algorithm).digest_size)
+    with ThreadPoolExecutor(1, thread_name_prefix="charrnn-digest") as pool:
+        digest = pool.submit(checkpoint_digest, tensors, dict(metadata), algorithm)
+        data = save(tensors, metadata={**metadata, DIGEST_KEY: placeholder})
+        header = data[8 : 8 + int.from_bytes(data[:8], "little")]
+        at = header.find(placeholder.encode())
+        if at < 0 or header.find(placeholder.encode(), at + 1) >= 0:  # not found once: redo
+            data = save(tensors, metadata={**metadata, DIGEST_KEY: digest.result()})
+            atomic_write_bytes(Path(path), data)
+        else:
+            atomic_write_bytes(Path(path), data,
+                               patch=lambda: (8 + at, digest.result().encode()))
 
 
 # -- reading ----------------------------------------------------------------------------
@@ -129,13 +199,22 @@ def load_checkpoint(path: str | os.PathLike, training_state: bool = False) -> Ch
                     f"{path}: checkpoint format version {meta.get('format_version')!r} "
                     f"is not supported (this charrnn reads {FORMAT_VERSION})"
                 )
+            stored = _stored_digest(meta, path)
             wanted = [n for n in names if training_state or not n.startswith(("optim.", "state."))]
-            tensors = {n: f.get_tensor(n) for n in wanted}
+            # with a checksum every tensor is read, to check it; without, what is used
+            tensors = {n: f.get_tensor(n) for n in (names if stored else wanted)}
     except CharRNNError:
         raise
     except (SafetensorError, OSError, ValueError, TypeError, MemoryError, RuntimeError) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise CheckpointError(f"{path}: corrupt or truncated checkpoint ({msg})") from None
+    if stored is not None:
+        algorithm, value = stored
+        if checkpoint_digest(tensors, meta, algorithm) != value:
+            raise CheckpointError(
+                f"{path}: damaged: its tensor data or metadata does not match its checksum"
+            )
+        tensors = {n: tensors[n] for n in wanted}
 
     try:
         config = config_from_dict(_json_field(meta, "config", path), source=f"{path} metadata")
@@ -251,6 +330,7 @@ class CheckpointManager:
             for bad, why in errors:
                 bad.replace(bad.with_name(bad.name + ".corrupt"))
                 if echo is not None:
-                    echo(f"{why}; moved aside to {bad.name}.corrupt, resuming from {path.name}")
+                    echo(f"Warning: {why}; moved aside to {bad.name}.corrupt, "
+                         f"resuming from {path.name}")
             return ckpt
         raise CheckpointError(f"{self.run_dir}: no readable checkpoint ({errors[0][1]})")

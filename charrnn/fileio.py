@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 from .errors import RunDirError
@@ -72,15 +73,23 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
+def atomic_write_bytes(
+    path: Path, data: bytes, patch: Callable[[], tuple[int, bytes]] | None = None
+) -> None:
     """Write `data` to `path` so that readers see the old file or the new one, whole.
 
+    `patch`, called once `data` is written, returns (offset, bytes) to write over `data`
+    there before the fsync: a checksum that was computed while `data` was written.
     Any OSError (full disk, no permission, ...) becomes a one-line RunDirError naming the
     file, with the temporary file removed and the old `path` untouched."""
     tmp = temp_path(path)
     try:
         with open(tmp, "wb") as f:
             f.write(data)
+            if patch is not None:
+                offset, piece = patch()
+                f.seek(offset)
+                f.write(piece)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -90,4 +99,10 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         except OSError:
             pass
         raise RunDirError(f"cannot write {path}: {e.strerror or e}") from None
+    except BaseException:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        raise
     fsync_dir(path.parent)

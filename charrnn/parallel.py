@@ -95,10 +95,13 @@ def _forget_pool() -> None:
 os.register_at_fork(after_in_child=_forget_pool)
 
 
-def _as_group(fn: Callable[[int], R], g: int) -> R:
+def _as_group(fn: Callable[[int], R], g: int, err: dict[str, str] | None = None) -> R:
     _IN_GROUP.active = True
     try:
-        return fn(g)
+        if err is None:
+            return fn(g)
+        with np.errstate(**err):  # numpy 1.x: the error state is per thread, not inherited
+            return fn(g)
     finally:
         _IN_GROUP.active = False
 
@@ -107,13 +110,16 @@ def run_groups(fn: Callable[[int], R], n: int) -> list[R]:
     """[fn(0), ..., fn(n-1)], each call on its own thread (the first on the caller's), with
     BLAS single-threaded meanwhile. Waits for every call before it returns or raises.
 
-    Each call runs in a copy of the caller's context (numpy's errstate travels with it).
-    Called from within a group's work, it runs the calls one after another, on that thread."""
+    Each call runs in a copy of the caller's context and in the caller's numpy error state
+    (np.geterr(): numpy 2 keeps it in a context variable, numpy 1.x per thread). Called
+    from within a group's work, it runs the calls one after another, on that thread."""
     if n == 1 or getattr(_IN_GROUP, "active", False):
         return [fn(g) for g in range(n)]
+    err = np.geterr()
     with blas.single_threaded():
         futures = [
-            _pool().submit(contextvars.copy_context().run, _as_group, fn, g) for g in range(1, n)
+            _pool().submit(contextvars.copy_context().run, _as_group, fn, g, err)
+            for g in range(1, n)
         ]
         try:
             first = _as_group(fn, 0)

@@ -11,6 +11,10 @@ for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
 
 import copy  # noqa: E402
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
@@ -34,6 +38,30 @@ def small_text(n_words: int = 3000, seed: int = 0) -> str:
     return "\n".join(lines) + "\n"
 
 
+def pytest_sessionstart(session):
+    """With CHARRNN_REQUIRE_ACCEL=1 (as .ci/run sets it), a session whose compiled kernels
+    cannot run fails at once instead of skipping their tests: the extension is optional for
+    users (setup.py builds it with optional=True), not for CI."""
+    if os.environ.get("CHARRNN_REQUIRE_ACCEL") != "1":
+        return
+    from charrnn.cells import build_problem
+
+    if problem := build_problem():
+        pytest.exit(f"CHARRNN_REQUIRE_ACCEL=1, but {problem}", returncode=1)
+
+
+def pytest_report_header(config):
+    """Which variants of the compiled kernels this CPU runs, and so which the tests run."""
+    try:
+        from charrnn import _fused
+    except ImportError:
+        return "charrnn._fused: not built (the tests of the compiled kernels skip)"
+    if not hasattr(_fused, "kernel_variants"):
+        return "charrnn._fused: a stale build"
+    return (f"charrnn._fused: elementwise kernels {', '.join(_fused.kernel_variants())}; "
+            f"GEMMs {', '.join(_fused.gemm_variants())}")
+
+
 @pytest.fixture(autouse=True)
 def _private_cache_dir(tmp_path_factory, monkeypatch):
     """Corpus caches go to a temporary folder, never to ~/.cache (subprocesses inherit it)."""
@@ -50,10 +78,9 @@ def both_paths(request, monkeypatch):
 
     kernels = None
     if request.param == "fused":
-        try:
-            from charrnn import _fused as kernels
-        except ImportError:
-            pytest.skip("the compiled extension charrnn._fused is not built")
+        if problem := cells.build_problem():  # not built, or stale
+            pytest.skip(problem)
+        from charrnn import _fused as kernels
     monkeypatch.setattr(cells, "_fused", kernels)
     return request.param
 
@@ -122,3 +149,69 @@ def write_config(tmp_path):
         return path
 
     return write
+
+
+class Unprivileged:
+    """Runs charrnn commands and Python code as a user that root's powers do not help: nobody
+    (by tests/unprivileged.py) when the suite runs as root, else the user running it.
+
+    `dir` is a folder of theirs (world-writable, outside pytest's root-only tmp_path), with
+    the cache dir of the commands in it; `deny(path)` takes every permission on `path` away
+    from them (chmod 0: its owner, root or us, is not them, or does not bypass modes)."""
+
+    LAUNCHER = Path(__file__).with_name("unprivileged.py")
+
+    def __init__(self, uid: int, gid: int, name: str, root: Path):
+        self.uid, self.gid, self.name, self.dir = uid, gid, name, root
+        (root / "cache").mkdir(mode=0o777)
+        os.chmod(root / "cache", 0o777)
+        self.env = {**os.environ, "CHARRNN_CACHE_DIR": str(root / "cache"),
+                    "MPLCONFIGDIR": str(root / "cache"), "HOME": str(root)}
+        self.env.pop("PYTHONWARNINGS", None)
+
+    def _run(self, *argv: str, timeout: float) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, str(self.LAUNCHER), str(self.uid), str(self.gid), *argv]
+        return subprocess.run(cmd, env=self.env, cwd=self.dir, capture_output=True, text=True,
+                              timeout=timeout)
+
+    def charrnn(self, *args, timeout: float = 300) -> subprocess.CompletedProcess:
+        return self._run("-m", "charrnn.cli", *map(str, args), timeout=timeout)
+
+    def python(self, code: str, *args, timeout: float = 120) -> subprocess.CompletedProcess:
+        return self._run("-c", code, *map(str, args), timeout=timeout)
+
+    @staticmethod
+    def deny(path: Path) -> Path:
+        os.chmod(path, 0)
+        return path
+
+
+@pytest.fixture
+def unprivileged():
+    """An Unprivileged runner; skipped where there is no such user (not POSIX, no nobody)."""
+    if os.name != "posix":
+        pytest.skip("permission tests need a POSIX system")
+    if os.geteuid() == 0:
+        import grp
+        import pwd
+
+        try:
+            user = pwd.getpwnam("nobody")
+        except KeyError:
+            pytest.skip("running as root and there is no user 'nobody' to run as")
+        try:
+            gid = grp.getgrnam("nogroup").gr_gid
+        except KeyError:
+            gid = user.pw_gid
+        uid, name = user.pw_uid, "nobody"
+    else:
+        uid, gid, name = os.getuid(), os.getgid(), "this user"
+    root = Path(tempfile.mkdtemp(prefix="charrnn-unprivileged-"))
+    os.chmod(root, 0o777)
+    try:
+        yield Unprivileged(uid, gid, name, root)
+    finally:
+        for p in root.rglob("*"):  # a denied folder would stop rmtree as a non-root user
+            if p.is_dir() and not p.is_symlink():
+                os.chmod(p, 0o700)
+        shutil.rmtree(root, ignore_errors=True)

@@ -3,13 +3,18 @@
 The window loops differ from numpy only by the packed GEMM's summation order and, forward, the
 transcendental functions (libm's tanh in float64; in float32 a vectorized Cephes tanhf and
 sigmoid gates as 1 / (1 + exp(-x))).  Every test that runs a GEMM runs with each GEMM this
-machine has: the AVX2 + FMA micro-kernels and the portable C loop."""
+machine has (the AVX-512 and AVX2 + FMA micro-kernels, the portable C loop), crossed with each
+variant of the elementwise kernels it has (compiled for AVX-512, AVX2 and baseline x86-64);
+what the CPU cannot run skips, saying why.  The header of a pytest run lists the variants."""
 
 from __future__ import annotations
 
 import os
+import platform
 import subprocess
 import sys
+import sysconfig
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -37,6 +42,36 @@ def gemm(request):
         pytest.skip(f"no {request.param} GEMM on this machine")
     yield request.param
     _fused.set_gemm(before)
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((set(line.split(":")[1].split()) for line in f if line.startswith("flags")),
+                        set())
+    except OSError:
+        return set()
+
+
+CPU_FLAGS = _cpu_flags()
+VARIANT_FEATURE = {"avx512": "avx512f", "avx2": "avx2", "baseline": None}
+
+
+@pytest.fixture(params=list(VARIANT_FEATURE))
+def variant(request):
+    """Each variant of the elementwise kernels in turn (skipped where the CPU cannot run it or
+    the build has only the baseline one)."""
+    if _fused is None:
+        pytest.skip("charrnn._fused is not built")
+    if request.param not in _fused.kernel_variants():
+        feature = VARIANT_FEATURE[request.param]
+        why = (f"this CPU lacks {feature}" if feature not in CPU_FLAGS
+               else "this build compiles the baseline variant only")
+        pytest.skip(f"no {request.param} elementwise kernels: {why}")
+    before = _fused.kernels_name()
+    _fused.set_kernels(request.param)
+    yield request.param
+    _fused.set_kernels(before)
 # float32: the GEMMs sum in different orders, and the differences grow over the window
 TOL = {np.float64: dict(rtol=1e-12, atol=1e-14), np.float32: dict(rtol=1e-4, atol=1e-5)}
 T, B, H = 6, 5, 24
@@ -96,7 +131,7 @@ def test_gemm_matches_numpy(gemm, dtype):
 @needs_ext
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("cell", sorted(CELLS))
-def test_forward_matches_numpy(cell, dtype, gemm, monkeypatch):
+def test_forward_matches_numpy(cell, dtype, gemm, variant, monkeypatch):
     xproj, W_hh, b_hh, state, _, _ = _inputs(cell, dtype)
     hs_f, last_f, cache_f, _ = _forward(cell, _fused, xproj, W_hh, b_hh, state, monkeypatch)
     hs_n, last_n, cache_n, _ = _forward(cell, None, xproj, W_hh, b_hh, state, monkeypatch)
@@ -112,7 +147,7 @@ def test_forward_matches_numpy(cell, dtype, gemm, monkeypatch):
 @needs_ext
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("cell", sorted(CELLS))
-def test_backward_matches_numpy(cell, dtype, gemm, monkeypatch):
+def test_backward_matches_numpy(cell, dtype, gemm, variant, monkeypatch):
     xproj, W_hh, b_hh, state, dhs, dstate = _inputs(cell, dtype, seed=1)
     grads = {}
     for name, kernels in [("fused", _fused), ("numpy", None)]:
@@ -154,7 +189,7 @@ def _one_step(cell: str, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 @needs_ext
-def test_float32_tanh_edge_values():
+def test_float32_tanh_edge_values(variant):
     x = np.array([0.0, -0.0, 1e-30, -1e-8, 0.3, 0.6249, 0.625, -0.7, 3.0, 8.9, 9.5, -20.0,
                   1e30, np.inf, -np.inf, np.nan], np.float32)
     h, _ = _one_step("rnn", x[None])
@@ -165,7 +200,7 @@ def test_float32_tanh_edge_values():
 
 
 @needs_ext
-def test_float32_tanh_saturates_at_one():
+def test_float32_tanh_saturates_at_one(variant):
     x = np.array([10.0, 20.0, 1e30, np.inf, -10.0, -np.inf], np.float32)
     h, _ = _one_step("rnn", x[None])
     np.testing.assert_array_equal(h[0], np.sign(x))
@@ -193,7 +228,7 @@ def test_a_build_with_another_api_is_ignored():
 
 
 @needs_ext
-def test_float32_sigmoid_gates():
+def test_float32_sigmoid_gates(variant):
     """The LSTM's i gate against the exact sigmoid of x = 2u (u: the pre-scaled input):
     within 2 ulp while exp is not clamped, 1e-7 absolute everywhere."""
     Bx, Hx = 40, 500
@@ -280,3 +315,142 @@ def test_env_var_switches_the_kernels_off():
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          check=True)
     assert out.stdout.strip() == str(_fused is not None)
+
+
+def _stepper_run(cell: str, dtype, B: int, kernels, monkeypatch) -> list[np.ndarray]:
+    """Logits and states of 4 generation steps of a 2-layer model, B streams, through the
+    per-step kernels (lstm_step, gru_step, rnn_step) or the numpy lines beside them."""
+    from charrnn.model import CharRNN, ModelShape
+
+    monkeypatch.setattr(cells, "_fused", kernels)
+    model = CharRNN.create(ModelShape(cell, 11, 37, 2, 5), seed=1, dtype=np.dtype(dtype).name)
+    stepper, state = model.stepper(), model.zero_state(B)
+    out = []
+    for t in range(4):
+        logits, state = stepper.step((np.arange(B) * 3 + t) % 11, state)
+        out += [logits, *(a for layer in state for a in layer)]
+    return out
+
+
+@needs_ext
+@pytest.mark.parametrize("B", [1, 3])  # one stream: numpy's products; more: the packed GEMM
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("cell", sorted(CELLS))
+def test_step_kernels_match_numpy(cell, dtype, B, gemm, variant, monkeypatch):
+    fused = _stepper_run(cell, dtype, B, _fused, monkeypatch)
+    reference = _stepper_run(cell, dtype, B, None, monkeypatch)
+    for a, b in zip(fused, reference, strict=True):
+        assert a.dtype == dtype
+        np.testing.assert_allclose(a, b, **TOL[dtype])
+
+
+def _everything(cell: str, dtype, Bx: int, Hx: int, monkeypatch) -> list[np.ndarray]:
+    """Every output of the compiled forward and backward loops of a window of B=Bx, H=Hx,
+    then of generation steps and of float32's special values."""
+    rng = np.random.default_rng(Hx)
+    G = CELLS[cell].gates
+    xproj = (2 * rng.standard_normal((T, Bx, G * Hx))).astype(dtype)
+    W_hh = (0.4 * rng.standard_normal((G * Hx, Hx))).astype(dtype)
+    b_hh = (0.2 * rng.standard_normal(G * Hx)).astype(dtype)
+    state = tuple(rng.standard_normal((Bx, Hx)).astype(dtype)
+                  for _ in range(CELLS[cell].num_states))
+    dhs = rng.standard_normal((T, Bx, Hx)).astype(dtype)
+    dstate = tuple(rng.standard_normal((Bx, Hx)).astype(dtype) for _ in state)
+    hs, last, cache, ws = _forward(cell, _fused, xproj, W_hh, b_hh, state, monkeypatch)
+    out = [a.copy() for a in (hs, *last, *cache.values())]
+    out += [a.copy() for a in CELLS[cell].backward(dhs, dstate, cache, W_hh, ws)[:3]]
+    out += _stepper_run(cell, dtype, Bx, _fused, monkeypatch)
+    special = np.array([0.0, -0.0, 1e-30, 0.625, -20.0, 44.0, 1e30, np.inf, -np.inf, np.nan])
+    x = np.resize(special, (Bx, G * Hx)).astype(dtype)
+    out += list(_one_step("lstm" if cell == "lstm" else "rnn", x))
+    return out
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("cell", sorted(CELLS))
+def test_variants_compute_the_same_bits(cell, dtype, monkeypatch):
+    """The variants differ only in vector width: the same IEEE operations, elementwise, with
+    no reduction and no FMA contraction, so every variant gives the baseline's bits exactly;
+    sizes that leave the vector loops a remainder included (H=7, 37)."""
+    variants = _fused.kernel_variants()
+    if len(variants) < 2:
+        pytest.skip(f"only the {variants[0]} elementwise kernels here: nothing to compare")
+    before = _fused.kernels_name()
+    try:
+        for Bx, Hx in [(1, 7), (5, 24), (3, 37)]:
+            results = {}
+            for name in variants:
+                _fused.set_kernels(name)
+                results[name] = _everything(cell, dtype, Bx, Hx, monkeypatch)
+            for name in variants[:-1]:
+                for k, (a, b) in enumerate(zip(results[name], results["baseline"], strict=True)):
+                    np.testing.assert_array_equal(
+                        a, b, err_msg=f"{name} vs baseline, B={Bx} H={Hx}, output {k}")
+    finally:
+        _fused.set_kernels(before)
+
+
+@needs_ext
+def test_every_variant_the_cpu_runs_is_there():
+    """No variant the CPU could run skips because the build left it out, where the build
+    compiles them all (GCC on x86-64 Linux with glibc); unknown names are refused."""
+    kernels, gemms = _fused.kernel_variants(), _fused.gemm_variants()
+    assert kernels[-1] == "baseline" and gemms[-1] == "c"
+    assert _fused.kernels_name() == kernels[0] and _fused.gemm_name() == gemms[0]  # the best
+    cc = sysconfig.get_config_var("CC") or ""
+    if (sys.platform == "linux" and platform.machine() == "x86_64" and "gcc" in cc
+            and "clang" not in cc and platform.libc_ver()[0] == "glibc"):
+        runs = [v for v, feature in VARIANT_FEATURE.items() if feature in CPU_FLAGS | {None}]
+        assert list(kernels) == runs
+        if {"avx2", "fma"} <= CPU_FLAGS:
+            assert gemms == (("avx512",) if "avx512f" in CPU_FLAGS else ()) + ("avx2+fma", "c")
+    for bad in ["avx512f", "default", "sse2", "no-such-variant"]:
+        with pytest.raises(ValueError, match="not available"):
+            _fused.set_kernels(bad)
+    assert _fused.kernels_name() == kernels[0]
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _pytest_session(hide: str, require: bool) -> subprocess.CompletedProcess:
+    """A pytest session in a subprocess running one test of this file, with the extension
+    `hide`: "missing" (its import fails, as where it was not built), "stale" (a build with
+    another API), or "" (as built); CHARRNN_REQUIRE_ACCEL=1 if `require`."""
+    hiding = {
+        "missing": "sys.modules['charrnn._fused'] = None",  # import charrnn._fused fails
+        "stale": "fake = types.ModuleType('charrnn._fused'); fake.API, fake.PANEL = 1, 16; "
+        "sys.modules['charrnn._fused'] = fake",
+        "": "pass",
+    }[hide]
+    code = (f"import sys, types; {hiding}; import pytest; sys.exit(pytest.main(['-q', '-p', "
+            "'no:cacheprovider', 'tests/test_accel.py::test_pack_panels_layout']))")
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("CHARRNN_ACCEL", "CHARRNN_REQUIRE_ACCEL", "PYTEST_ADDOPTS")}
+    if require:
+        env["CHARRNN_REQUIRE_ACCEL"] = "1"
+    return subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=120)
+
+
+@pytest.mark.parametrize("hide", ["missing", "stale"])
+def test_ci_fails_at_start_without_the_compiled_kernels(hide):
+    """.ci/run sets CHARRNN_REQUIRE_ACCEL=1: a build that failed (setup.py's optional=True
+    lets the install go on) or a stale one fails the session before any test runs, where
+    otherwise every test of the compiled path would skip and CI stay green."""
+    out = _pytest_session(hide, require=True)
+    text = out.stdout + out.stderr
+    assert out.returncode == 1, text
+    why = "is not built" if hide == "missing" else "is stale (API 1; this charrnn needs"
+    assert f"CHARRNN_REQUIRE_ACCEL=1, but the compiled extension charrnn._fused {why}" in text
+    assert "passed" not in text
+    out = _pytest_session(hide, require=False)  # users: the numpy path, tests pass
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "1 passed" in out.stdout
+
+
+@needs_ext
+def test_ci_runs_with_the_compiled_kernels():
+    out = _pytest_session("", require=True)
+    assert out.returncode == 0 and "1 passed" in out.stdout, out.stdout + out.stderr

@@ -192,7 +192,8 @@ def test_eval_json(trained, tmp_path) -> None:
     ids = ckpt.vocab.encode("".join(c for c in held_out if c not in UNKNOWN))[0].astype(np.int64)
     logits, _, _ = model.forward(ids[:-1, None], model.zero_state(1))
     expected = float(np.mean(token_nll(logits.astype(np.float64), ids[1:])))
-    assert one["loss"] == pytest.approx(expected, rel=1e-5)
+    # float32 windows of 7 against one float32 forward: measured 1.3e-8 apart
+    assert one["loss"] == pytest.approx(expected, rel=1e-6)
     assert one["chars"] == out["chars"]
 
     text_out = run("eval", "--checkpoint", str(run_dir), "--text", str(path))
@@ -213,7 +214,7 @@ def test_eval_of_the_validation_split_matches_training(trained, tmp_path) -> Non
             str(path), "--json")
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     logged = [row["val_loss"] for row in rows if row["step"] == 60 and "val_loss" in row]
-    assert json.loads(r.stdout)["loss"] == pytest.approx(logged[0], rel=1e-5)
+    assert json.loads(r.stdout)["loss"] == pytest.approx(logged[0], rel=1e-9)  # same arithmetic
 
 
 # -- vocab and info -------------------------------------------------------------------------

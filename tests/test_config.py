@@ -340,10 +340,23 @@ def test_missing_unreadable_and_directory(tmp_path):
     bad = tmp_path / "latin.yaml"
     bad.write_bytes(b"data: {path: caf\xe9}\n")
     load_refused(str(bad), str(bad))
-    if hasattr(os, "geteuid") and os.geteuid() != 0:
-        locked = write(tmp_path, "data: {path: x}\n", "locked.yaml")
-        os.chmod(locked, 0)
-        load_refused(locked, locked)
+
+
+def test_unreadable_config(unprivileged):
+    """A real EACCES: loaded by nobody when the suite runs as root (conftest's unprivileged)."""
+    locked = write(unprivileged.dir, "data: {path: x}\n", "locked.yaml")
+    unprivileged.deny(locked)
+    r = unprivileged.python(
+        "import sys\n"
+        "from charrnn.config import load_config\n"
+        "from charrnn.errors import ConfigError\n"
+        "try:\n"
+        "    load_config(sys.argv[1])\n"
+        "except ConfigError as e:\n"
+        "    print(e)\n", locked)
+    assert r.returncode == 0, r.stderr
+    msg = r.stdout.strip()
+    assert "\n" not in msg and str(locked) in msg and "Permission denied" in msg, msg
 
 
 def test_yaml_syntax_error_names_file_and_line(tmp_path):

@@ -153,12 +153,19 @@ def test_read_chunks_unreadable(tmp_path) -> None:
         list(read_chunks([tmp_path], encoding="no-such-codec"))
 
 
-@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="needs a non-root POSIX user")
-def test_read_chunks_permission_denied(tmp_path) -> None:
-    f = write(tmp_path / "secret.txt", "x")
-    f.chmod(0)
-    with pytest.raises(DataError, match="secret.txt: cannot read"):
-        list(read_chunks([f]))
+def test_read_chunks_permission_denied(unprivileged) -> None:
+    """A real EACCES: read by nobody when the suite runs as root (conftest's unprivileged)."""
+    f = unprivileged.deny(write(unprivileged.dir / "secret.txt", "x"))
+    r = unprivileged.python(
+        "import sys\n"
+        "from charrnn.data import read_chunks\n"
+        "from charrnn.errors import DataError\n"
+        "try:\n"
+        "    list(read_chunks([sys.argv[1]]))\n"
+        "except DataError as e:\n"
+        "    print(e)\n", f)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == f"{f}: cannot read (Permission denied)"
 
 
 # -- load_corpus ---------------------------------------------------------------------

@@ -12,6 +12,9 @@ from charrnn.model import CharRNN, ModelShape, cross_entropy_
 pytestmark = pytest.mark.usefixtures("both_paths")  # compiled kernels and numpy
 
 V, T, B = 7, 5, 3
+# Central differences with eps 1e-6 in float64: the rounding noise of the objective (about
+# 1e-16 / 1e-6) dominates; measured at most 1.0e-9 absolute on both paths, for every cell.
+FD_TOL = dict(rtol=1e-6, atol=5e-9)
 
 
 def _model(cell: str, embedding_size: int, dropout: float = 0.0, layers: int = 2) -> CharRNN:
@@ -67,7 +70,7 @@ def test_finite_differences(cell: str, embedding_size: int, dropout: float) -> N
             down = _objective(model, x, y, state, masks, dstate)
             flat[i] = orig
             numeric.reshape(-1)[i] = (up - down) / (2 * eps)
-        np.testing.assert_allclose(grads[name], numeric, rtol=1e-5, atol=1e-8, err_msg=name)
+        np.testing.assert_allclose(grads[name], numeric, **FD_TOL, err_msg=name)
 
     # the gradient with respect to the initial state, which carries BPTT across windows
     for k, layer in enumerate(state):
@@ -81,7 +84,7 @@ def test_finite_differences(cell: str, embedding_size: int, dropout: float) -> N
                 down = _objective(model, x, y, state, masks, dstate)
                 s.flat[i] = orig
                 numeric.flat[i] = (up - down) / (2 * eps)
-            np.testing.assert_allclose(dstate0[k][j], numeric, rtol=1e-5, atol=1e-8)
+            np.testing.assert_allclose(dstate0[k][j], numeric, **FD_TOL)
 
 
 def test_seed_worked_example() -> None:
@@ -100,4 +103,9 @@ def test_seed_worked_example() -> None:
     np.testing.assert_allclose(ys[:, 0, 0], [0.4887, 1.12796], atol=5e-5)
     np.testing.assert_allclose(hs[2, 0], [0.4832, 0.6437], atol=1e-3)
     np.testing.assert_allclose(ys[1, 0, 0], 1.1269, atol=2e-3)
+    # and the recurrence itself, written out in float64: to rounding, not to 5e-5
+    h1 = np.tanh(W_xh[:, 0] * 1.0)
+    h2 = np.tanh(W_hh @ h1 + W_xh[:, 0] * 2.0)
+    np.testing.assert_allclose(hs[1:, 0], [h1, h2], rtol=1e-14)
+    np.testing.assert_allclose(ys[:, 0, 0], [W_hy[0] @ h1, W_hy[0] @ h2], rtol=1e-14)
     np.testing.assert_array_equal(last[0], hs[2])

@@ -151,7 +151,8 @@ def test_blas_is_single_threaded_inside_and_restored_after() -> None:
 
 
 def test_groups_run_in_the_callers_numpy_error_state() -> None:
-    """np.errstate is per thread (a context variable): each group gets the caller's."""
+    """np.errstate (a context variable in numpy 2, per thread in numpy 1.x): each group gets
+    the caller's."""
     with np.errstate(over="raise", invalid="ignore"):
         seen = parallel.run_groups(lambda g: np.geterr(), 3)
     assert all(e["over"] == "raise" and e["invalid"] == "ignore" for e in seen)

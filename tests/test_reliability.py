@@ -31,7 +31,7 @@ from safetensors.numpy import save
 import charrnn.data
 import charrnn.fileio
 import charrnn.train
-from charrnn.checkpoint import load_checkpoint
+from charrnn.checkpoint import DIGEST_KEY, checkpoint_digest, load_checkpoint
 from charrnn.cli import cli
 from charrnn.config import Config, config_from_dict, load_config
 from charrnn.errors import CheckpointError, ConfigError
@@ -708,6 +708,11 @@ def _parts(path: Path) -> tuple[dict, dict[str, np.ndarray], bytes]:
     return header, tensors_of(path), raw
 
 
+def resave(tensors: dict[str, np.ndarray], meta: dict[str, str]) -> bytes:
+    """A crafted checkpoint, its checksum made to match: the checks behind it must hold."""
+    return save(tensors, metadata={**meta, DIGEST_KEY: checkpoint_digest(tensors, meta)})
+
+
 def hostile_checkpoints(good: Path, out: Path) -> dict[str, tuple[Path, str]]:
     """name -> (a broken checkpoint file, a piece of the message that must name it)."""
     header, tensors, raw = _parts(good)
@@ -721,7 +726,7 @@ def hostile_checkpoints(good: Path, out: Path) -> dict[str, tuple[Path, str]]:
     made["plain-safetensors"] = (save({"a": np.zeros(3, np.float32)}), "not a charrnn")
 
     def with_meta(**kw):
-        return save(tensors, metadata={**meta, **kw})
+        return resave(tensors, {**meta, **kw})
 
     def with_config(edit):
         c = json.loads(meta["config"])
@@ -747,11 +752,11 @@ def hostile_checkpoints(good: Path, out: Path) -> dict[str, tuple[Path, str]]:
         ("nan-weights", lambda t: np.full_like(t["head.bias"], np.nan), "NaN"),
         ("inf-weights", lambda t: np.full_like(t["head.bias"], -np.inf), "NaN or Inf"),
     ]:
-        made[name] = (save({**tensors, "head.bias": edit(tensors)}, metadata=meta), key)
-    made["tensor-missing"] = (save({k: t for k, t in tensors.items() if k != "head.bias"},
-                                   metadata=meta), "head.bias")
-    made["tensor-stray"] = (save({**tensors, "evil": np.zeros(2, np.float32)},
-                                 metadata=meta), "evil")
+        made[name] = (resave({**tensors, "head.bias": edit(tensors)}, meta), key)
+    made["tensor-missing"] = (resave({k: t for k, t in tensors.items() if k != "head.bias"},
+                                     meta), "head.bias")
+    made["tensor-stray"] = (resave({**tensors, "evil": np.zeros(2, np.float32)}, meta),
+                            "evil")
     made["header-2**60"] = ((2**60).to_bytes(8, "little") + raw[8:], "")
     made["header-past-end"] = ((len(raw)).to_bytes(8, "little") + raw[8:], "")
     h = json.loads(raw[8 : 8 + n])
@@ -869,7 +874,7 @@ def test_resume_refuses_damaged_training_state(shared, tmp_path, damage, key) ->
         if damage == "all-truncated":
             p.write_bytes(raw[:100])
         else:
-            p.write_bytes(save(tensors, metadata={**meta, "train_state": json.dumps(ts)}))
+            p.write_bytes(resave(tensors, {**meta, "train_state": json.dumps(ts)}))
     result = invoke("train", "--config", cfg, "--resume", "--set", "train.max_steps=12")
     assert_cli_error(result, key)
 

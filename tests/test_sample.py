@@ -62,8 +62,12 @@ def test_temperature_zero_is_argmax() -> None:
 @pytest.mark.parametrize("temperature", [0.3, 1.0, 2.5])
 def test_probs_are_the_tempered_softmax(temperature) -> None:
     logits = np.random.default_rng(1).standard_normal((4, V)) * 2
-    p = next_char_probs(logits.astype(np.float32), temperature)
+    logits32 = logits.astype(np.float32)
+    p = next_char_probs(logits32, temperature)
     assert p.dtype == np.float64
+    # computed in float64 from the float32 logits: to rounding (float32 would be 1e-7)
+    np.testing.assert_allclose(p, softmax(logits32.astype(np.float64) / temperature),
+                               rtol=1e-12)
     np.testing.assert_allclose(p, softmax(logits / temperature), rtol=1e-5)
     np.testing.assert_allclose(p.sum(axis=1), 1.0)
 

@@ -7,6 +7,7 @@ import json
 import math
 import os
 import signal
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ import yaml
 
 from charrnn.checkpoint import load_checkpoint, step_checkpoints
 from charrnn.config import config_from_dict
+from charrnn.data import split_sizes
 from charrnn.errors import CheckpointError, NonFiniteError, RunDirError
 from charrnn.optim import clip_by_global_norm_, learning_rate
 from charrnn.train import Trainer, TrainingInterrupted, train
@@ -241,20 +243,35 @@ def test_stateless_training_still_learns(tiny_config) -> None:
 # -- optimizers, schedules, clipping -------------------------------------------------------
 
 
+def bigram_loss(text: str) -> float:
+    """The cross-entropy (nats/char) of the best bigram model for `text`, fitted on `text`
+    itself: no model that sees only the previous character can score lower on it."""
+    pairs = Counter(zip(text, text[1:]))
+    firsts = Counter(text[:-1])
+    return -sum(n * math.log(n / firsts[a]) for (a, _), n in pairs.items()) / (len(text) - 1)
+
+
 @pytest.mark.parametrize(
     "optimizer,lr",
-    [("sgd", 1.0), ("momentum", 0.1), ("rmsprop", 0.01), ("adagrad", 0.1), ("adam", 0.01),
-     ("adamw", 0.01)],
+    [("sgd", 2.0), ("momentum", 0.2), ("rmsprop", 0.02), ("adagrad", 0.2), ("adam", 0.02),
+     ("adamw", 0.02)],
 )
-def test_every_optimizer_decreases_the_loss(tiny_config, optimizer, lr) -> None:
-    cfg = tiny_config(run=optimizer,
-                      train={"optimizer": optimizer, "learning_rate": lr, "max_steps": 60})
+def test_every_optimizer_decreases_the_loss(tiny_config, corpus_text, optimizer, lr) -> None:
+    """Each optimizer trains the model past what the previous character alone predicts.
+
+    A model in which only head.bias learns (a unigram, 2.93 nats/char on this validation
+    text) or one without recurrence (at best a bigram, 1.44) fails; measured: 0.86-0.96."""
+    cfg = tiny_config(run=optimizer, train={"optimizer": optimizer, "learning_rate": lr,
+                                            "max_steps": 300, "eval_every": 100})
     result = train(cfg, **QUIET)
     rows = [r for r in metrics(result.run_dir) if "val_loss" not in r]
     first, last = rows[0]["train_loss"], rows[-1]["train_loss"]
     assert last < first - 0.5, (first, last)
-    vocab_size = len(json.loads((result.run_dir / "vocab.json").read_text())["chars"])
-    assert result.best_val_loss < math.log(vocab_size) - 0.5
+    _, n_val, _ = split_sizes(len(corpus_text), cfg.data.val_fraction, cfg.data.test_fraction)
+    val_text = corpus_text[len(corpus_text) - n_val:]
+    assert len(val_text) <= cfg.train.eval_max_chars  # the whole validation split is scored
+    bigram = bigram_loss(val_text)
+    assert result.best_val_loss < bigram - 0.3, (result.best_val_loss, bigram)
 
 
 def test_adamw_decays_weights_and_adam_does_not(tiny_config) -> None:
@@ -327,12 +344,12 @@ def test_trainer_logs_the_scheduled_learning_rate(tiny_config) -> None:
 def test_clip_by_global_norm() -> None:
     grads = {"a": np.array([3.0, 0.0]), "b": np.array([[4.0], [12.0]])}  # norm 13
     norm = clip_by_global_norm_(grads, 5.0)
-    assert norm == pytest.approx(13.0)
-    scale = 5.0 / 13.0
-    np.testing.assert_allclose(grads["a"], [3 * scale, 0], rtol=1e-6)
-    np.testing.assert_allclose(grads["b"], [[4 * scale], [12 * scale]], rtol=1e-6)
+    assert norm == 13.0  # exact: sqrt(169)
+    scale = 5.0 / (13.0 + 1e-6)  # torch.nn.utils.clip_grad_norm_'s factor, its 1e-6 included
+    np.testing.assert_allclose(grads["a"], [3 * scale, 0], rtol=1e-15)
+    np.testing.assert_allclose(grads["b"], [[4 * scale], [12 * scale]], rtol=1e-15)
     after = math.sqrt(sum(float(np.sum(g * g)) for g in grads.values()))
-    assert after == pytest.approx(5.0, rel=1e-6) and after <= 5.0
+    assert after == pytest.approx(5.0 * 13.0 / (13.0 + 1e-6), rel=1e-14) and after < 5.0
 
     small = {"a": np.array([0.3, 0.4])}
     assert clip_by_global_norm_(small, 5.0) == pytest.approx(0.5)
