@@ -94,23 +94,24 @@ def cli() -> None:
 def train(config_path: str, overrides: tuple[str, ...], resume: bool, overwrite: bool,
           progress: bool | None) -> None:
     """Train a model from a YAML config; checkpoints and metrics go to output.dir."""
-    from .config import load_config
-    from .parallel import stream_groups
-    from .train import StopSignals, Trainer
+    from .api import train as train_run
+    from .parallel import serial_note, stream_groups
+    from .train import Trainer
 
     if resume and overwrite:
         raise click.UsageError("--resume and --overwrite exclude each other")
-    # Ctrl-C / SIGTERM: while loading, stop at once (exit 130 / 143); once training, finish
-    # the step, write a checkpoint, then stop with the same exit codes
-    with StopSignals() as signals:
-        cfg = load_config(config_path, overrides)
-        trainer = Trainer(cfg, resume=resume, overwrite=overwrite)
-        if progress is None:
-            progress = sys.stderr.isatty()
-        resume_cmd = " ".join(
-            ["charrnn", "train", "--config", shlex.quote(config_path)]
-            + [f"--set {shlex.quote(o)}" for o in overrides] + ["--resume"]
-        )
+    if progress is None:
+        progress = sys.stderr.isatty()
+    resume_cmd = " ".join(
+        ["charrnn", "train", "--config", shlex.quote(config_path)]
+        + [f"--set {shlex.quote(o)}" for o in overrides] + ["--resume"]
+    )
+    started: list[Trainer] = []
+
+    def on_start(trainer: Trainer) -> None:
+        """The banner, printed once the run directory checks pass (a refusal stays a
+        one-line message)."""
+        started.append(trainer)
         t = trainer.cfg.train
         banner = (
             f"charrnn: {trainer.cfg.model.cell} x{trainer.cfg.model.num_layers} "
@@ -118,11 +119,16 @@ def train(config_path: str, overrides: tuple[str, ...], resume: bool, overwrite:
             f"corpus {trainer.corpus.num_chars:,} chars ({len(trainer.corpus.train):,} train, "
             f"{len(trainer.corpus.val):,} val), vocab {trainer.vocab.size}; "
             f"{t.max_steps} steps of {t.batch_size}x{t.seq_length} on "
-            f"{len(stream_groups(t.batch_size))} thread(s)")
-        # printed once the run directory checks pass: a refusal stays a one-line message
-        result = trainer.run(progress=progress, resume_hint=resume_cmd,
-                             echo=lambda s: click.echo(s, err=True), signals=signals,
-                             on_start=lambda: click.echo(banner, err=True))
+            f"{len(stream_groups(t.batch_size))} thread(s)"
+            + (f"; {note}" if (note := serial_note()) else ""))
+        click.echo(banner, err=True)
+
+    # Ctrl-C / SIGTERM: while loading, stop at once (exit 130 / 143); once training, finish
+    # the step, write a checkpoint, then stop with the same exit codes
+    result = train_run(config_path, overrides, resume, overwrite=overwrite, progress=progress,
+                       echo=lambda s: click.echo(s, err=True), on_start=on_start,
+                       resume_hint=resume_cmd)
+    trainer = started[0]
     lines = [f"trained {result.steps} steps, {result.num_params:,} parameters, "
              f"{result.chars_per_sec:,.0f} chars/s"]
     if result.best_val_loss is not None:
@@ -177,37 +183,40 @@ class _FiniteRange(click.FloatRange):
               help="Random seed; the same seed gives the same text.  [default: random]")
 @click.option("--num-samples", default=1, show_default=True, type=click.IntRange(min=1),
               help="Independent samples, drawn as one batch; printed one after another, "
-                   "separated by a blank line.")
+                   "separated by a blank line (the first streamed as the batch runs, the "
+                   "others as soon as it is done).")
 @click.option("--skip-unknown", is_flag=True, default=False,
               help="Drop seed characters outside the vocabulary instead of refusing them "
                    "(exit 2).  [default: off]")
+@click.option("--interactive", is_flag=True, default=False,
+              help="A prompt: type a seed, the continuation streams back; ':help' lists the "
+                   "commands that change the settings (the options above give the first "
+                   "ones). Ctrl-C stops a generation, Ctrl-D or ':quit' leaves.  "
+                   "[default: off]")
 def sample(checkpoint: str, seed: str, length: int, temperature: float, top_k: int,
-           top_p: float, rng_seed: int | None, num_samples: int, skip_unknown: bool) -> None:
+           top_p: float, rng_seed: int | None, num_samples: int, skip_unknown: bool,
+           interactive: bool) -> None:
     """Generate text from a trained model, streamed to stdout as it is produced."""
-    from .checkpoint import load_checkpoint, resolve_checkpoint
-    from .model import CharRNN
-    from .sample import encode_seed, sample_text
+    if interactive:  # the prompt loop of charrnn/interactive.py, until Ctrl-D or :quit
+        from .interactive import run_interactive
 
-    ckpt = load_checkpoint(resolve_checkpoint(checkpoint))
-    model = CharRNN(ckpt.shape, ckpt.params)
-    encode_seed(ckpt.vocab, seed, skip_unknown)  # refuse unknown characters before printing
-    out = sys.stdout
-    stream = num_samples == 1
+        run_interactive(checkpoint, seed=seed, length=length, temperature=temperature,
+                        top_k=top_k, top_p=top_p, rng_seed=rng_seed, num_samples=num_samples,
+                        skip_unknown=skip_unknown)
+        return
+    from .api import load
 
-    def on_chars(chars: list[str]) -> None:
-        out.write(chars[0])
+    # the first sample streams as the batch generates it; the others (they finish together)
+    # follow once it is done, each after a blank line
+    out, current = sys.stdout, 0
+    for i, piece in load(checkpoint).stream_samples(
+            num_samples, seed, length, temperature, top_k, top_p, rng_seed, skip_unknown):
+        if i != current:
+            out.write("\n\n")
+            current = i
+        out.write(piece)
         out.flush()
-
-    if stream:
-        out.write(seed)
-        out.flush()
-    texts = sample_text(model, ckpt.vocab, seed, length, temperature=temperature, top_k=top_k,
-                        top_p=top_p, num_samples=num_samples, rng_seed=rng_seed,
-                        skip_unknown=skip_unknown, on_chars=on_chars if stream else None)
-    if stream:
-        out.write("\n")
-    else:
-        out.write("\n\n".join(texts) + "\n")
+    out.write("\n")
     out.flush()
 
 
@@ -232,10 +241,10 @@ def sample(checkpoint: str, seed: str, length: int, temperature: float, top_k: i
 def eval_(checkpoint: str, text: str, unknown: str, as_json: bool, batch_size: int,
           seq_length: int) -> None:
     """Score a held-out text: nats/char, bits/char and perplexity."""
-    from .evaluate import evaluate_file
+    from .api import load
 
-    r = evaluate_file(checkpoint, text, unknown=unknown, batch_size=batch_size,
-                      seq_length=seq_length)
+    r = load(checkpoint).score_file(text, unknown=unknown, batch_size=batch_size,
+                                    seq_length=seq_length)
     if as_json:
         click.echo(json.dumps(r.to_json()))
         return
@@ -313,14 +322,17 @@ def info(path: str, as_json: bool) -> None:
         click.echo(json.dumps(data))
         return
     m = ckpt.config.model
-    click.echo(f"checkpoint  {ckpt.path}\nstep        {ckpt.step}\n"
-               f"model       {m.cell} x{m.num_layers}, hidden {m.hidden_size}, "
-               f"embedding {m.embedding_size or 'one-hot'}, dropout {m.dropout}\n"
-               f"parameters  {data['parameters']:,}\nvocab       {ckpt.vocab.size} chars")
+    rows = [("checkpoint", str(ckpt.path)), ("step", str(ckpt.step)),
+            ("model", f"{m.cell} x{m.num_layers}, hidden {m.hidden_size}, "
+                      f"embedding {m.embedding_size or 'one-hot'}, dropout {m.dropout}"),
+            ("parameters", f"{data['parameters']:,}"), ("vocab", f"{ckpt.vocab.size} chars")]
     for key in ("train_loss", "best_val_loss", "best_loss"):
         value = ckpt.info.get(key)
         if isinstance(value, int | float) and not isinstance(value, bool):
-            click.echo(f"{key:<12}{value:.4f} nats/char ({value / math.log(2):.4f} bits/char)")
+            rows.append((key, f"{value:.4f} nats/char ({value / math.log(2):.4f} bits/char)"))
+    width = max(len(label) for label, _ in rows) + 2  # at least two spaces before a value
+    for label, value in rows:
+        click.echo(f"{label:<{width}}{value}")
     click.echo("config:")
     for section, values in data["config"].items():
         click.echo(f"  {section}: " + ", ".join(f"{k}={v}" for k, v in values.items()))

@@ -8,6 +8,7 @@ and the bad value. Paths stay as written until `resolve_paths`, which the traine
 """
 
 import codecs
+import copy
 import dataclasses
 import difflib
 import math
@@ -292,12 +293,17 @@ def _apply_override(d: dict, item: str) -> None:
     key = key.strip()
     if not eq:
         raise ConfigError(f"{where}: expected KEY=VALUE, e.g. model.hidden_size=128")
-    if key not in KEYS:
+    _set_key(d, key, text, where)
+
+
+def _set_key(d: dict, key: str, value: Any, where: str) -> None:
+    """Set one dotted key of the raw dict; a str VALUE is read as `--set` reads it (YAML,
+    typed by the schema; verbatim for str keys), any other value is taken as it is."""
+    if not isinstance(key, str) or key not in KEYS:
         raise _unknown(key, where)
     section, name = key.split(".")
-    if SCHEMA[section][name] is str:
-        value: Any = text  # paths and patterns verbatim: `*.py` is not a YAML alias here
-    else:
+    if isinstance(value, str) and SCHEMA[section][name] is not str:
+        text = value  # paths and patterns stay verbatim: `*.py` is not a YAML alias here
         try:
             value = yaml.safe_load(text)
         except yaml.YAMLError:
@@ -307,18 +313,32 @@ def _apply_override(d: dict, item: str) -> None:
     d[section][name] = _check_value(key, value, where)
 
 
-def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Config:
-    """Read a YAML config, apply `KEY=VALUE` overrides, validate. Paths are left as written."""
-    source = os.fspath(path)
-    d = _read_yaml(path)
+def load_config(
+    path: str | os.PathLike | Mapping,
+    overrides: Sequence[str] | Mapping[str, Any] = (),
+) -> Config:
+    """Read a YAML config (or take a dict of sections), apply the overrides, validate.
+
+    `overrides` are `KEY=VALUE` strings as `--set` takes them, or a mapping of dotted keys
+    to values (a str value is read as `--set` reads it). Paths are left as written."""
+    if isinstance(path, Mapping):
+        source = "<config dict>"
+        d = copy.deepcopy(dict(path))
+    else:
+        source = os.fspath(path)
+        d = _read_yaml(path)
     if d is None:
         d = {}  # an empty file: all defaults (data.path is still required)
     if not isinstance(d, dict):
         raise ConfigError(f"{source}: the top level must be a mapping of sections, got {_show(d)}")
     for section in SCHEMA:
         _section(d, section, source)  # a malformed section is the file's fault, not --set's
-    for item in overrides:
-        _apply_override(d, item)
+    if isinstance(overrides, Mapping):
+        for key, value in overrides.items():
+            _set_key(d, key, value, f"override {key!r}")
+    else:
+        for item in overrides:
+            _apply_override(d, item)
     return config_from_dict(d, source)
 
 

@@ -41,3 +41,15 @@ class NonFiniteError(CharRNNError):
     """Loss, gradients or weights became NaN/Inf during training."""
 
     exit_code = 1
+
+
+class TrainingInterrupted(CharRNNError):
+    """Ctrl-C (exit 130) or SIGTERM (exit 143), raised once the checkpoint is on disk."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum
+
+
+class ArgumentError(CharRNNError, ValueError):
+    """An argument of a Python API call (charrnn.api) is of the wrong type or out of range."""

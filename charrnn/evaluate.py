@@ -25,6 +25,8 @@ SLICE_BYTES = 8 << 20
 
 @dataclass
 class EvalResult:
+    """The scores of a held-out text, as `charrnn eval` reports them."""
+
     loss: float  # nats per character
     bpc: float  # bits per character
     perplexity: float
@@ -32,6 +34,7 @@ class EvalResult:
     unknown_chars: int  # occurrences of characters outside the vocabulary (skipped)
 
     def to_json(self) -> dict:
+        """The fields as a dict: `charrnn eval --json`'s object."""
         return asdict(self)
 
 

@@ -63,6 +63,14 @@ def stream_groups(batch_size: int, threads: int | None = None) -> list[slice]:
     return [slice(batch_size * i // n, batch_size * (i + 1) // n) for i in range(n)]
 
 
+def serial_note() -> str | None:
+    """Why batches run on one thread whatever the thread count, for the training banner:
+    None where BLAS's thread count can be set."""
+    if blas.controllable():
+        return None
+    return f"BLAS threads not controllable ({blas.numpy_blas()}): running serially"
+
+
 def columns(state: list[tuple[np.ndarray, ...]], cols: slice) -> list[tuple[np.ndarray, ...]]:
     """A group's part of a recurrent state (one tuple of (B, H) arrays per layer): views."""
     return [tuple(s[cols] for s in layer) for layer in state]
@@ -92,7 +100,8 @@ def _forget_pool() -> None:
     _POOL, _POOL_LOCK = None, threading.Lock()
 
 
-os.register_at_fork(after_in_child=_forget_pool)
+if hasattr(os, "register_at_fork"):  # not on Windows, which does not fork
+    os.register_at_fork(after_in_child=_forget_pool)
 
 
 def _as_group(fn: Callable[[int], R], g: int, err: dict[str, str] | None = None) -> R:

@@ -7,12 +7,14 @@ next window, and the dropout RNG.
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
 import signal
 import sys
 import time
+import types
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -26,7 +28,13 @@ from tqdm import tqdm
 from .checkpoint import Checkpoint, CheckpointManager, model_shape
 from .config import Config, config_to_dict, resolve_paths
 from .data import Corpus, WindowStream, load_corpus
-from .errors import CharRNNError, CheckpointError, DataError, NonFiniteError, RunDirError
+from .errors import (
+    CheckpointError,
+    DataError,
+    NonFiniteError,
+    RunDirError,
+    TrainingInterrupted,
+)
 from .evaluate import score
 from .fileio import atomic_write_bytes, pid_alive, remove_stale_temps
 from .model import CharRNN
@@ -46,16 +54,10 @@ DIVERGED_LOSS_FACTOR = 50.0
 MAX_SKIPPED_IN_A_ROW = 10
 
 
-class TrainingInterrupted(CharRNNError):
-    """Ctrl-C (exit 130) or SIGTERM (exit 143), raised once the checkpoint is on disk."""
-
-    def __init__(self, message: str, signum: int):
-        super().__init__(message)
-        self.exit_code = 128 + signum
-
-
 @dataclass
 class TrainResult:
+    """What a finished training run reports: where it is, how far it went, its losses."""
+
     run_dir: Path
     steps: int
     num_params: int
@@ -153,8 +155,11 @@ def prepare_run_dir(path: str) -> Path:
 class MetricsLog:
     """metrics.jsonl, one JSON object per line, flushed as written."""
 
-    def __init__(self, path: Path, resume_step: int | None):
+    def __init__(self, path: Path, resume_step: int | None,
+                 listener: Callable[[dict[str, Any]], None] | None = None):
+        """`listener`, when given, receives a copy of each row once it is written."""
         self.path = path
+        self.listener = listener
         if resume_step is not None and path.exists():
             # drop rows logged after the checkpoint we resume from: they will be redone
             kept = []
@@ -178,6 +183,8 @@ class MetricsLog:
             self._f.flush()
         except OSError as e:
             raise RunDirError(f"cannot write {self.path}: {e.strerror or e}") from None
+        if self.listener is not None:
+            self.listener(dict(row))
 
     def close(self) -> None:
         try:
@@ -301,6 +308,7 @@ class Trainer:
         self.elapsed = 0.0
         self.signals = TrainingSignals(t.grad_clip, cfg.model.cell)  # eval-row extras
         self.val_ids = self.corpus.val
+        self.postfix: dict[str, str] = {}  # the progress bar's, latest values
         if t.eval_max_chars and len(self.val_ids) > t.eval_max_chars:
             self.val_ids = self.val_ids[: t.eval_max_chars]
 
@@ -408,14 +416,16 @@ class Trainer:
         echo: Callable[[str], None] = print,
         signals: StopSignals | None = None,
         on_start: Callable[[], None] | None = None,
+        on_metrics: Callable[[dict[str, Any]], None] | None = None,
     ) -> TrainResult:
-        """Trains to train.max_steps; `on_start` is called once the run directory is taken.
+        """Trains to train.max_steps; `on_start` is called once the run directory is taken,
+        `on_metrics` with each metrics.jsonl row as it is written.
 
         `signals` (the CLI's, installed before loading) is switched to deferred mode here;
         without it SIGINT/SIGTERM are handled for the duration of the run."""
         if signals is None:
             with StopSignals() as own:
-                return self.run(progress, resume_hint, echo, own, on_start)
+                return self.run(progress, resume_hint, echo, own, on_start, on_metrics)
         signals.deferred = True  # from here on a signal means: checkpoint, then stop
         with run_dir_lock(self.run_dir):
             remove_stale_temps(self.run_dir, dead_only=False)  # we hold the lock: all stale
@@ -439,7 +449,8 @@ class Trainer:
             self._write_run_files()
             if on_start is not None:
                 on_start()
-            metrics = MetricsLog(self.run_dir / "metrics.jsonl", self.step if resuming else None)
+            metrics = MetricsLog(self.run_dir / "metrics.jsonl", self.step if resuming else None,
+                                 listener=on_metrics)
             try:
                 return self._loop(metrics, signals.received, progress, resume_hint, echo)
             except RunDirError as e:
@@ -465,6 +476,21 @@ class Trainer:
             f"step {step}: {what}; training stopped, no checkpoint written {since}. Try "
             + " or ".join(tips)
         )
+
+    def _postfix(self, bar: tqdm, **latest: str) -> None:
+        """Updates the progress bar's postfix: the latest of each value shown."""
+        self.postfix.update(latest)
+        bar.set_postfix(self.postfix, refresh=False)
+
+    def _report_val(self, val: float, train_loss: float, chars_per_sec: float, bar: tqdm,
+                    progress: bool, echo: Callable[[str], None]) -> None:
+        """An evaluation's validation loss: in the bar's postfix, or (no bar) one line."""
+        if progress:
+            self._postfix(bar, val=f"{val:.3f}", bpc=f"{val / math.log(2):.3f}")
+        else:
+            echo(f"step {self.step}/{self.cfg.train.max_steps}: train loss {train_loss:.4f}, "
+                 f"val loss {val:.4f} ({val / math.log(2):.3f} bits/char), "
+                 f"{chars_per_sec:,.0f} chars/s")
 
     def _loop(self, metrics, received, progress, resume_hint, echo) -> TrainResult:
         cfg, t = self.cfg, self.cfg.train
@@ -540,8 +566,8 @@ class Trainer:
                         "chars_per_sec": chars_per_sec, "elapsed_sec": self.elapsed,
                     }
                     metrics.write(row)
-                    bar.set_postfix(loss=f"{row['train_loss']:.3f}",
-                                    chars_s=f"{chars_per_sec:,.0f}", refresh=False)
+                    self._postfix(bar, loss=f"{row['train_loss']:.3f}",
+                                  chars_s=f"{chars_per_sec:,.0f}")
                     loss_sum, loss_n = 0.0, 0
                     t_window, chars_window = time.perf_counter(), 0
                 bar.update(1)
@@ -556,10 +582,7 @@ class Trainer:
                         chars_per_sec=chars_per_sec, elapsed_sec=self.elapsed))
                     if val is not None:
                         self.best_val = val if self.best_val is None else min(self.best_val, val)
-                        if not progress:
-                            echo(f"step {self.step}/{t.max_steps}: train loss {train_loss:.4f}, "
-                                 f"val loss {val:.4f} ({val / math.log(2):.3f} bits/char), "
-                                 f"{chars_per_sec:,.0f} chars/s")
+                        self._report_val(val, train_loss, chars_per_sec, bar, progress, echo)
                     # a skipped step's weights made the loss non-finite: not the best
                     if problem is None and math.isfinite(current) and (
                             self.best_loss is None or current < self.best_loss):
@@ -592,3 +615,23 @@ class Trainer:
 
 def train(cfg: Config, resume: bool = False, overwrite: bool = False, **run_kwargs) -> TrainResult:
     return Trainer(cfg, resume=resume, overwrite=overwrite).run(**run_kwargs)
+
+
+class _CallableModule(types.ModuleType):
+    """charrnn.train, both this module and the Python API's function: the submodule and the
+    function share the name, so calling the module runs `charrnn.api.train`, while
+    `charrnn.train.Trainer` and the rest stay reachable as before."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> TrainResult:
+        from .api import train as api_train
+
+        return api_train(*args, **kwargs)
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        from .api import train as api_train
+
+        return inspect.signature(api_train)
+
+
+sys.modules[__name__].__class__ = _CallableModule

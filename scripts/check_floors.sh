@@ -12,13 +12,16 @@ cd "$(dirname "$0")/.."
 
 # keep in step with pyproject.toml: requires-python and [project] dependencies. numpy 1.24.4
 # is the last 1.24 patch (wheels for 3.10); click is 8.2: with 8.1 the suite cannot run (its
-# CliRunner mixes stderr into stdout) and 8.1.0 calls an unreadable file "not executable"
+# CliRunner mixes stderr into stdout) and 8.1.0 calls an unreadable file "not executable";
+# threadpoolctl is 3.5: older ones miss the scipy-openblas of numpy >= 2's wheels (charrnn
+# would run serially there)
 FLOOR_PYTHON=3.10
 CONSTRAINTS="numpy==1.24.4
 click==8.2.0
 tqdm==4.64.0
 pyyaml==6.0
-safetensors==0.4.0"
+safetensors==0.4.0
+threadpoolctl==3.5.0"
 
 find_python() {
   local candidate

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from threadpoolctl import ThreadpoolController, threadpool_info, threadpool_limits
 
 import charrnn.evaluate as evaluate
 from charrnn import blas
@@ -48,8 +49,8 @@ def test_score_equals_one_pass(cell, threads, slice_bytes, monkeypatch) -> None:
     assert total == pytest.approx(expected_total, rel=1e-12)
 
 
-def test_score_without_openblas_runs_on_one_thread(monkeypatch) -> None:
-    monkeypatch.setattr(blas, "_openblas", lambda: None)
+def test_score_without_a_controllable_blas_runs_on_one_thread(monkeypatch) -> None:
+    monkeypatch.setattr(blas, "_controller", lambda: ThreadpoolController().select(user_api=[]))
     with blas.single_threaded() as arranged:
         assert not arranged
     model = _model("lstm")
@@ -63,17 +64,15 @@ def test_score_of_nothing() -> None:
     assert evaluate.score(_model("rnn"), np.array([3]), threads=2) == (0.0, 0)
 
 
-@pytest.mark.skipif(blas._openblas() is None, reason="numpy's BLAS is not OpenBLAS")
+@pytest.mark.skipif(not blas.controllable(), reason="threadpoolctl controls no BLAS")
 def test_blas_thread_count_is_restored() -> None:
-    get, set_ = blas._openblas()
-    before = get()
-    set_(2)
-    try:
+    def threads() -> set[int]:
+        return {lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"}
+
+    with threadpool_limits(limits=2, user_api="blas"):
         with blas.single_threaded() as arranged:
-            assert arranged and get() == 1
-        assert get() == 2
+            assert arranged and threads() == {1}
+        assert threads() == {2}
         model = _model("gru")
         evaluate.score(model, np.random.default_rng(2).integers(0, V, 300), 6, 9, threads=2)
-        assert get() == 2
-    finally:
-        set_(before)
+        assert threads() == {2}

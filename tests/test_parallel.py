@@ -7,7 +7,9 @@ import warnings
 
 import numpy as np
 import pytest
+import yaml
 from click.testing import CliRunner
+from threadpoolctl import ThreadpoolController, threadpool_info, threadpool_limits
 
 import charrnn.parallel as parallel
 from charrnn import blas
@@ -87,9 +89,51 @@ def test_stream_groups_cover_the_batch_in_order() -> None:
             assert max(sizes) - min(sizes) <= 1
 
 
+def _no_blas(monkeypatch) -> None:
+    """As where threadpoolctl controls no BLAS: its controller reports no library."""
+    monkeypatch.setattr(blas, "_controller", lambda: ThreadpoolController().select(user_api=[]))
+
+
+def _blas_threads() -> list[int]:
+    return [lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"]
+
+
 def test_one_group_without_a_controllable_blas(monkeypatch) -> None:
-    monkeypatch.setattr(blas, "_openblas", lambda: None)
+    _no_blas(monkeypatch)
+    assert not blas.controllable()
     assert parallel.stream_groups(32, 4) == [slice(0, 32)]
+    before = _blas_threads()
+    with blas.single_threaded() as arranged:
+        assert not arranged and _blas_threads() == before  # nothing was changed
+    assert parallel.serial_note() == (
+        f"BLAS threads not controllable ({blas.numpy_blas()}): running serially"
+    )
+
+
+def test_the_training_banner_says_when_it_runs_serially(monkeypatch, tmp_path) -> None:
+    """Without a controllable BLAS: one thread whatever CHARRNN_THREADS, said once."""
+    (tmp_path / "corpus.txt").write_text("the cat sat on the mat. " * 80, encoding="utf-8")
+    cfg = {
+        "data": {"path": str(tmp_path / "corpus.txt"), "val_fraction": 0.1},
+        "model": {"cell": "gru", "hidden_size": 8, "num_layers": 1, "embedding_size": 4},
+        "train": {"batch_size": 4, "seq_length": 8, "max_steps": 3, "eval_every": 3},
+        "output": {"dir": str(tmp_path / "run")},
+    }
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(cfg), encoding="utf-8")
+    monkeypatch.setenv("CHARRNN_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("CHARRNN_THREADS", "2")
+    args = ["train", "--config", str(config), "--no-progress", "--overwrite"]
+    result = CliRunner().invoke(cli, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "; BLAS threads not controllable" not in result.stderr
+    if blas.controllable():
+        assert "on 2 thread(s)" in result.stderr
+    _no_blas(monkeypatch)
+    result = CliRunner().invoke(cli, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    note = f"on 1 thread(s); BLAS threads not controllable ({blas.numpy_blas()}): running serially"
+    assert result.stderr.count(note) == 1 and result.stderr.count("not controllable") == 1
 
 
 @pytest.mark.parametrize("value, expected", [("", None), ("1", 1), ("3", 3), (" 2 ", 2)])
@@ -138,16 +182,98 @@ def test_run_groups_waits_for_every_group_then_raises() -> None:
     assert sorted(finished) == [1, 2]
 
 
-@pytest.mark.skipif(not blas.controllable(), reason="numpy's BLAS is not OpenBLAS")
+needs_blas = pytest.mark.skipif(not blas.controllable(), reason="threadpoolctl controls no BLAS")
+
+
+@needs_blas
 def test_blas_is_single_threaded_inside_and_restored_after() -> None:
-    get, set_ = blas._openblas()
-    before = get()
-    set_(2)
+    with threadpool_limits(limits=2, user_api="blas"):
+        assert set(_blas_threads()) == {2}
+        with blas.single_threaded() as arranged:
+            assert arranged and set(_blas_threads()) == {1}
+        assert set(_blas_threads()) == {2}
+        inside = parallel.run_groups(lambda g: _blas_threads(), 2)  # on the pool's threads too
+        assert all(set(t) == {1} for t in inside) and set(_blas_threads()) == {2}
+
+
+@needs_blas
+def test_single_threaded_nests() -> None:
+    with threadpool_limits(limits=2, user_api="blas"):
+        with blas.single_threaded() as outer:
+            with blas.single_threaded() as inner:
+                assert outer and inner and set(_blas_threads()) == {1}
+            assert set(_blas_threads()) == {1}  # the outer one still holds
+        assert set(_blas_threads()) == {2}
+
+
+@needs_blas
+def test_single_threaded_is_restored_when_the_body_raises() -> None:
+    with threadpool_limits(limits=2, user_api="blas"):
+        with pytest.raises(ValueError), blas.single_threaded():
+            raise ValueError
+        assert set(_blas_threads()) == {2}
+
+
+def test_other_threads_wait_for_the_holder() -> None:
+    """One thread at a time: a second thread enters once the first has left."""
+    entered, leave, order = threading.Event(), threading.Event(), []
+
+    def hold() -> None:
+        with blas.single_threaded():
+            entered.set()
+            leave.wait(10)
+            order.append("first out")
+
+    def second() -> None:
+        with blas.single_threaded():
+            order.append("second in")
+
+    threads = [threading.Thread(target=hold), threading.Thread(target=second)]
+    threads[0].start()
+    assert entered.wait(10)
+    threads[1].start()
+    threading.Event().wait(0.1)
+    leave.set()
+    for t in threads:
+        t.join(10)
+    expected = ["first out", "second in"] if blas.controllable() else ["second in", "first out"]
+    assert order == expected
+
+
+def _single_threaded_in_child(queue) -> None:
+    with blas.single_threaded() as arranged:
+        queue.put((arranged, _blas_threads()))
+
+
+@needs_blas
+def test_single_threaded_works_in_a_forked_child() -> None:
+    """Forked while another thread of the parent holds the lock: the child takes its own."""
+    import multiprocessing
+
+    entered, leave = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with blas.single_threaded():
+            entered.set()
+            leave.wait(20)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
     try:
-        inside = parallel.run_groups(lambda g: get(), 2)
-        assert inside == [1, 1] and get() == 2
+        assert entered.wait(10)
+        ctx = multiprocessing.get_context("fork")
+        queue = ctx.Queue()
+        child = ctx.Process(target=_single_threaded_in_child, args=(queue,))
+        child.start()
+        child.join(timeout=20)
+        if child.is_alive():
+            child.kill()
+            pytest.fail("single_threaded hung in a forked child")
+        arranged, threads = queue.get(timeout=5)
+        assert child.exitcode == 0 and arranged and set(threads) == {1}
     finally:
-        set_(before)
+        leave.set()
+        holder.join(10)
 
 
 def test_groups_run_in_the_callers_numpy_error_state() -> None:

@@ -439,3 +439,14 @@ def test_nan_loss_skipped_when_asked(tiny_config, monkeypatch) -> None:
     final = load_checkpoint(trainer.run_dir / "ckpt-00000030.safetensors")
     assert all(np.isfinite(p).all() for p in final.params.values())
     assert math.isfinite(result.best_val_loss)
+
+
+def test_the_progress_bar_shows_the_latest_validation_loss(tiny_config, capsys) -> None:
+    """The bar's postfix: the training loss and chars/s, and once there is one the latest
+    validation loss and bits/char."""
+    result = train(tiny_config(train={"max_steps": 20, "eval_every": 10, "log_every": 5}),
+                   progress=True, echo=lambda s: None)
+    last = [r for r in metrics(result.run_dir) if "val_loss" in r][-1]["val_loss"]
+    final = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()[-1]  # as left
+    assert "20/20" in final and "loss=" in final and "chars_s=" in final
+    assert f"val={last:.3f}" in final and f"bpc={last / math.log(2):.3f}" in final
