@@ -31,10 +31,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import yaml
-from safetensors import safe_open
+from test_reliability import assert_same_tensors  # tests/ is on sys.path (rootdir conftest)
 
 from charrnn.checkpoint import load_checkpoint
 
@@ -76,16 +75,6 @@ def digests(run_dir: Path) -> dict[str, str]:
             for p in sorted(run_dir.glob("*.safetensors"))}
 
 
-def tensors_of(path: Path) -> dict[str, np.ndarray]:
-    with safe_open(str(path), framework="numpy") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}
-
-
-def assert_same_tensors(a: Path, b: Path) -> None:
-    ta, tb = tensors_of(a), tensors_of(b)
-    assert ta.keys() == tb.keys()
-    for k in ta:
-        assert ta[k].dtype == tb[k].dtype and np.array_equal(ta[k], tb[k]), k
 
 
 def timeless_rows(run_dir: Path) -> list[dict]:
