@@ -106,3 +106,15 @@ def atomic_write_bytes(
             pass
         raise
     fsync_dir(path.parent)
+
+
+def check_writable(path: Path) -> None:
+    """Refuses, before any work, an output file that cannot be written: a directory, or a
+    folder that is missing or not writable (RunDirError, one line)."""
+    parent = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        raise RunDirError(f"cannot write {path}: it is a directory")
+    if not parent.is_dir():
+        raise RunDirError(f"cannot write {path}: no such directory {parent}")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise RunDirError(f"cannot write {path}: the directory {parent} is not writable")

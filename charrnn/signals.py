@@ -44,13 +44,11 @@ def sigma_max_hh(params: dict[str, np.ndarray]) -> list[float]:
 def val_gate_saturation(params: dict[str, np.ndarray], cell: str,
                         ids: np.ndarray) -> list[float] | None:
     """Per layer, the mean saturation over `ids` (see `charrnn.inspect.gates.mean_saturation`);
-    None when the text is too short to say anything or the inspector is not available."""
+    None when the text is too short to say anything."""
     if len(ids) < 2:
         return None
-    try:
-        from .inspect.gates import mean_saturation
-    except ImportError:  # the inspector is optional to training
-        return None
+    from .inspect.gates import mean_saturation
+
     return [float(v) for v in mean_saturation(params, cell, ids)]
 
 

@@ -33,7 +33,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_reliability import assert_same_tensors  # tests/ is on sys.path (rootdir conftest)
+from test_reliability import (  # tests/ is on sys.path (rootdir conftest)
+    assert_same_tensors,
+    error_line,
+)
 
 from charrnn.checkpoint import load_checkpoint
 
@@ -52,17 +55,6 @@ VICTIM = f"ckpt-{FIRST + 1:08d}.safetensors"  # the first write after the resume
 
 def charrnn_cmd(*args) -> list[str]:
     return [sys.executable, "-m", "charrnn.cli", *map(str, args)]
-
-
-def error_line(stderr: str, max_lines: int = 1) -> str:
-    """The one short error message of a failed command: 'Error: ...' within the last
-    `max_lines` lines of stderr, no traceback."""
-    assert "Traceback" not in stderr, stderr
-    lines = [ln for ln in stderr.strip().splitlines() if ln.strip()]
-    errors = [i for i, ln in enumerate(lines) if ln.startswith("Error:")]
-    assert errors, stderr
-    assert len(lines) - errors[0] <= max_lines, stderr
-    return lines[errors[0]]
 
 
 def write_config(path: Path, d: dict) -> Path:

@@ -419,18 +419,14 @@ def inspect_cells(checkpoint: str, text: str, html_path: str, max_chars: int = 5
     """`charrnn inspect cells`: analyse the first `max_chars` known characters of a text
     file and write the page to `html_path` (atomically). Never writes to the checkpoint
     or its run directory."""
-    from ..checkpoint import load_checkpoint, resolve_checkpoint
-    from ..data import load_text_ids
-    from .page import check_output_path, render_page, write_page
+    from .inputs import open_inputs
+    from .page import render_page, write_page
 
-    ckpt_path = resolve_checkpoint(checkpoint)
-    check_output_path(Path(html_path), ckpt_path)
-    ckpt = load_checkpoint(ckpt_path)
-    ids, n_unknown = load_text_ids(text, ckpt.vocab, unknown="skip")
+    ckpt, ids, n_unknown = open_inputs(checkpoint, text, html_path)
     ids = ids[:max_chars]  # (T,)
     report = analyse(ckpt.params, ckpt.config.model.cell, ids, ckpt.vocab.chars,
                      ckpt.vocab.decode(ids), None if layers is None else list(layers), top)
-    report.source, report.text_path, report.unknown = str(ckpt_path), str(text), n_unknown
+    report.source, report.text_path, report.unknown = str(ckpt.path), str(text), n_unknown
     page = render_page(report).encode("utf-8")
     write_page(Path(html_path), page)
     report.html_path, report.html_bytes = os.fspath(html_path), len(page)

@@ -140,18 +140,7 @@ def inspect_gates(checkpoint: str, text: str,
 
     `plot_path`, where the caller will draw the scatter, is checked first (writable, not in
     the run directory), before any work."""
-    from pathlib import Path
+    from .inputs import open_inputs
 
-    from ..checkpoint import load_checkpoint, resolve_checkpoint
-    from ..data import load_text_ids
-    from .page import check_output_path
-
-    ckpt_path = resolve_checkpoint(checkpoint)
-    if plot_path:
-        check_output_path(Path(plot_path), ckpt_path)
-        from .plots import require_matplotlib
-
-        require_matplotlib()  # without the extra: refused before any work
-    ckpt = load_checkpoint(ckpt_path)
-    ids, n_unknown = load_text_ids(text, ckpt.vocab, unknown="skip")
+    ckpt, ids, n_unknown = open_inputs(checkpoint, text, plot_path, plot=bool(plot_path))
     return gate_saturation(ckpt.params, ckpt.config.model.cell, ids), n_unknown

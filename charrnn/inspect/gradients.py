@@ -254,22 +254,12 @@ def inspect_gradients(checkpoint: str, text: str, max_lag: int = 100, windows: i
     a text file, and the number of characters outside the vocabulary that were dropped.
     `plot_path`, where the caller will draw, is checked first, before any work."""
     import sys
-    from pathlib import Path
 
     from tqdm import tqdm
 
-    from ..checkpoint import load_checkpoint, resolve_checkpoint
-    from ..data import load_text_ids
-    from .page import check_output_path
+    from .inputs import open_inputs
 
-    ckpt_path = resolve_checkpoint(checkpoint)
-    if plot_path:
-        from .plots import require_matplotlib
-
-        check_output_path(Path(plot_path), ckpt_path)
-        require_matplotlib()
-    ckpt = load_checkpoint(ckpt_path)
-    ids, n_unknown = load_text_ids(text, ckpt.vocab, unknown="skip")
+    ckpt, ids, n_unknown = open_inputs(checkpoint, text, plot_path, plot=bool(plot_path))
     window_starts(len(ids), max_lag, windows, prime)  # refuse a short text before any work
     L = ckpt.config.model.num_layers
     groups = len(stream_groups(windows))

@@ -26,13 +26,12 @@ import base64
 import html
 import json
 import math
-import os
 from pathlib import Path
 
 import numpy as np
 
-from ..errors import CharRNNError, RunDirError
-from ..fileio import atomic_write_bytes
+from ..errors import CharRNNError
+from ..fileio import atomic_write_bytes, check_writable
 from .cells import DETECTORS, CellsReport
 
 KIND_LABEL = {"h": "h", "cell": "tanh(c)"}
@@ -42,13 +41,8 @@ VISIBLE = {"\n": "\u21b5", "\t": "\u21e5", " ": "\u2423"}  # how the tooltip sho
 def check_output_path(path: Path, checkpoint: Path) -> None:
     """Refuse, before any work, an output that cannot be written or that would change the
     checkpoint or its run directory (inspection never writes there)."""
+    check_writable(path)
     parent = path.parent if str(path.parent) else Path(".")
-    if path.is_dir():
-        raise RunDirError(f"cannot write {path}: it is a directory")
-    if not parent.is_dir():
-        raise RunDirError(f"cannot write {path}: no such directory {parent}")
-    if not os.access(parent, os.W_OK):
-        raise RunDirError(f"cannot write {path}: the directory {parent} is not writable")
     run_dir = checkpoint.resolve().parent
     if path.resolve() == checkpoint.resolve() or (
         parent.resolve() == run_dir

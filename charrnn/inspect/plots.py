@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DataError, MissingExtraError, RunDirError
-from ..fileio import atomic_write_bytes
+from ..fileio import atomic_write_bytes, check_writable
 from .gradients import HORIZON_RATIO, effective_horizon
 
 EXTRA_HINT = 'plotting needs matplotlib: pip install "charrnn[plot]"'
@@ -46,15 +46,6 @@ def require_matplotlib():
 def _new_figure(width: float, height: float):
     Figure = require_matplotlib()
     return Figure(figsize=(width, height), dpi=DPI, constrained_layout=True)
-
-
-def _check_output(path: str | Path) -> None:
-    """Refuses, before any drawing, a path that cannot be written: RunDirError."""
-    path = Path(path)
-    if path.is_dir():
-        raise RunDirError(f"cannot write the plot {path}: it is a directory")
-    if not path.parent.is_dir():
-        raise RunDirError(f"cannot write the plot {path}: no folder {path.parent}")
 
 
 def _save(fig, path: str | Path) -> None:
@@ -99,7 +90,7 @@ def plot_gradients(report: dict[str, Any], path: str | Path) -> None:
     horizon marked. Right: each layer's jacobian_norm and, for the tanh rnn, the bound
     sigma_max(W_hh)^k (dashed), which the measured norm can never exceed."""
     require_matplotlib()
-    _check_output(path)
+    check_writable(Path(path))
     fig = _new_figure(12, 4.5)
     ax_g, ax_j = fig.subplots(1, 2)
     cell, layers = report["cell"], report["layers"]
@@ -153,7 +144,7 @@ def plot_gates(report: dict[str, Any], path: str | Path) -> None:
     saturated), a colour per gate. Points near x + y = 1 (drawn) are almost always saturated;
     near the origin, rarely."""
     require_matplotlib()
-    _check_output(path)
+    check_writable(Path(path))
     layers = report["layers"]
     cols = min(len(layers), 3) or 1
     rows = math.ceil(len(layers) / cols) or 1
@@ -372,7 +363,7 @@ def plot_runs(run_dirs: Sequence[str | Path], path: str | Path,
     sigma_max(W_hh) per layer and the validation gate saturation per layer (a line style
     per layer). `labels` name the runs in the legend; by default their folder names."""
     require_matplotlib()
-    _check_output(path)
+    check_writable(Path(path))
     if not run_dirs:
         raise DataError("no run directory to plot")
     if labels is not None and len(labels) != len(run_dirs):

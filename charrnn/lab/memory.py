@@ -43,8 +43,9 @@ from pathlib import Path
 from typing import Any
 
 from ..config import config_from_dict
-from ..errors import ConfigError, MissingExtraError, RunDirError
-from ..fileio import atomic_write_bytes
+from ..errors import ConfigError, RunDirError
+from ..fileio import atomic_write_bytes, check_writable
+from ..inspect.plots import require_matplotlib
 from ..model import CharRNN, ModelShape, num_params, param_shapes
 from . import echo
 
@@ -366,30 +367,11 @@ CELL_COLOURS = {"rnn": "tab:red", "lstm": "tab:blue", "gru": "tab:green"}
 SEQ_STYLES = ("-", "--", ":", "-.")
 
 
-def require_plotting():
-    """matplotlib's Figure, through charrnn.inspect.plots where that module exists."""
-    try:
-        from ..inspect.plots import require_matplotlib
-    except ImportError:
-        try:
-            from matplotlib.figure import Figure
-        except ImportError:
-            raise MissingExtraError(
-                'plotting needs matplotlib: pip install "charrnn[plot]"') from None
-        return Figure
-    return require_matplotlib()
-
-
 def check_plot_path(path: str | os.PathLike) -> None:
     """Refuses (one line) a plot that cannot be written: no matplotlib, the path a
     directory, or its folder missing or not writable."""
-    path = Path(path)
-    if path.is_dir():
-        raise RunDirError(f"cannot write the plot {path}: it is a directory")
-    folder = path.parent
-    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
-        raise RunDirError(f"cannot write the plot {path}: {folder} is not a writable folder")
-    require_plotting()
+    check_writable(Path(path))
+    require_matplotlib()
 
 
 def plot_memory(report: dict[str, Any], path: str | os.PathLike) -> None:
@@ -398,7 +380,7 @@ def plot_memory(report: dict[str, Any], path: str | os.PathLike) -> None:
     they were measured (open markers: beyond the lags measured). A PNG, written atomically."""
     import io
 
-    Figure = require_plotting()
+    Figure = require_matplotlib()
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     rows = report["results"]
