@@ -21,6 +21,10 @@ import numpy as np
 from .checkpoint import Checkpoint, load_checkpoint, resolve_checkpoint
 from .config import config_to_dict, load_config
 from .data import load_text_ids
+from .dynamic import DEFAULT_DECAY as DYNAMIC_DECAY
+from .dynamic import DEFAULT_LR as DYNAMIC_LR
+from .dynamic import DEFAULT_SEQ as DYNAMIC_SEQ
+from .dynamic import dynamic_score
 from .errors import ArgumentError, DataError, VocabError
 from .evaluate import EVAL_BATCH, EVAL_SEQ, EvalResult, score, summarize
 from .model import CharRNN
@@ -257,12 +261,22 @@ class Model:
         unknown: str = "skip",
         *,
         batch_size: int = EVAL_BATCH,
-        seq_length: int = EVAL_SEQ,
+        seq_length: int | None = None,
+        dynamic: bool = False,
+        dynamic_lr: float = DYNAMIC_LR,
+        dynamic_decay: float = DYNAMIC_DECAY,
+        progress: Callable[[int, int], None] | None = None,
     ) -> EvalResult:
         """Scores `text` as `charrnn eval` scores a UTF-8 file holding exactly these
         characters (no newline translation): loss in nats/char, bpc, perplexity, `chars`
         scored and `unknown_chars` (outside the vocabulary: skipped, or with
-        unknown="error" refused with VocabError). At least 2 known characters are needed."""
+        unknown="error" refused with VocabError). At least 2 known characters are needed.
+
+        `seq_length` defaults to 256, or 50 with `dynamic`. `dynamic=True` is `charrnn eval
+        --dynamic` (charrnn.dynamic): one stream of `seq_length` segments, each scored
+        before the copy of the weights learns from it; the result is a DynamicEvalResult,
+        with the static scores of the same layout beside. `progress(done, total)` is
+        then called after each segment: the characters scored so far, of how many."""
         text = _text("text", text)
         self._unknown_mode(unknown)
         vocab = self._ckpt.vocab
@@ -274,7 +288,8 @@ class Model:
         if ids.size < 2:
             raise DataError(f"text has {ids.size} character(s) in the vocabulary ({n_unknown}"
                             " unknown skipped); at least 2 are needed to score")
-        return self._score_ids(ids, n_unknown, batch_size, seq_length)
+        return self._score_ids(ids, n_unknown, batch_size, seq_length, dynamic, dynamic_lr,
+                               dynamic_decay, progress)
 
     def score_file(
         self,
@@ -282,12 +297,17 @@ class Model:
         unknown: str = "skip",
         *,
         batch_size: int = EVAL_BATCH,
-        seq_length: int = EVAL_SEQ,
+        seq_length: int | None = None,
+        dynamic: bool = False,
+        dynamic_lr: float = DYNAMIC_LR,
+        dynamic_decay: float = DYNAMIC_DECAY,
+        progress: Callable[[int, int], None] | None = None,
     ) -> EvalResult:
         """`score` of a UTF-8 text file, read in chunks: what `charrnn eval --text` runs."""
         self._unknown_mode(unknown)
         ids, n_unknown = load_text_ids(path, self._ckpt.vocab, unknown=unknown)
-        return self._score_ids(ids, n_unknown, batch_size, seq_length)
+        return self._score_ids(ids, n_unknown, batch_size, seq_length, dynamic, dynamic_lr,
+                               dynamic_decay, progress)
 
     @staticmethod
     def _unknown_mode(unknown: Any) -> None:
@@ -295,9 +315,17 @@ class Model:
             raise ArgumentError(f"unknown must be 'skip' or 'error', not {unknown!r}")
 
     def _score_ids(self, ids: np.ndarray, n_unknown: int, batch_size: int,
-                   seq_length: int) -> EvalResult:
-        total, chars = score(self._model, ids, _int("batch_size", batch_size, 1),
-                             _int("seq_length", seq_length, 1))
+                   seq_length: int | None, dynamic: bool = False,
+                   dynamic_lr: float = DYNAMIC_LR, dynamic_decay: float = DYNAMIC_DECAY,
+                   progress: Callable[[int, int], None] | None = None) -> EvalResult:
+        batch_size = _int("batch_size", batch_size, 1)
+        if seq_length is None:
+            seq_length = DYNAMIC_SEQ if dynamic else EVAL_SEQ
+        seq_length = _int("seq_length", seq_length, 1)
+        if dynamic:
+            return dynamic_score(self._model, ids, seq_length, dynamic_lr, dynamic_decay,
+                                 n_unknown, progress)
+        total, chars = score(self._model, ids, batch_size, seq_length)
         return summarize(total, chars, n_unknown)
 
 

@@ -68,7 +68,8 @@ class Checkpoint:
 
 def model_shape(cfg: Config, vocab_size: int) -> ModelShape:
     m = cfg.model
-    return ModelShape(m.cell, vocab_size, m.hidden_size, m.num_layers, m.embedding_size, m.dropout)
+    return ModelShape(m.cell, vocab_size, m.hidden_size, m.num_layers, m.embedding_size,
+                      m.dropout, m.weight_drop)
 
 
 # -- the checksum -------------------------------------------------------------------------
@@ -250,7 +251,8 @@ def load_checkpoint(path: str | os.PathLike, training_state: bool = False) -> Ch
         if not np.isfinite(t).all():
             raise CheckpointError(f"{path}: tensor {name!r} holds NaN or Inf values")
         params[name] = np.ascontiguousarray(t, dtype=config.train.dtype)
-    stray = [n for n in tensors if not n.startswith(("optim.", "state."))]
+    # beside the model: optimizer moments, carried states, raw weights (under train.ema)
+    stray = [n for n in tensors if not n.startswith(("optim.", "state.", "raw."))]
     if stray:
         raise CheckpointError(f"{path}: unexpected tensor {stray[0]!r}")
     return Checkpoint(path, config, vocab, params, step, info, tensors, train_state)

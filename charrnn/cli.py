@@ -7,6 +7,7 @@ here, with the exit codes of the CONTRACT: 2 bad input, 1 non-finite training,
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import shlex
@@ -15,6 +16,9 @@ import sys
 import click
 
 from . import __version__
+from .dynamic import DEFAULT_DECAY as DYNAMIC_DECAY
+from .dynamic import DEFAULT_LR as DYNAMIC_LR
+from .dynamic import DEFAULT_SEQ as DYNAMIC_SEQ
 from .errors import CharRNNError
 from .evaluate import EVAL_BATCH, EVAL_SEQ
 
@@ -49,6 +53,20 @@ class CharRNNGroup(click.Group):
             ) from None
 
 
+def _mpi_guarded(command):
+    """Under mpiexec, a command's errors end the whole MPI job, reported once
+    (charrnn.distributed.guard); outside it, the command unchanged."""
+
+    @functools.wraps(command)
+    def run(*args, **kwargs):
+        from .distributed import guard
+
+        with guard():
+            return command(*args, **kwargs)
+
+    return run
+
+
 def _one_line_error(message: str) -> click.ClickException:
     err = click.ClickException(" ".join(message.split()))
     err.exit_code = 2
@@ -70,7 +88,7 @@ def cli() -> None:
     """
     from .parallel import thread_count
 
-    thread_count()  # a bad CHARRNN_THREADS is refused before any work
+    _mpi_guarded(thread_count)()  # a bad CHARRNN_THREADS is refused before any work
 
 
 # -- train -----------------------------------------------------------------------------
@@ -91,10 +109,24 @@ def cli() -> None:
 @click.option("--progress/--no-progress", default=None,
               help="Show the progress bar (loss, chars/s, ETA).  [default: when stderr is a "
                    "terminal; otherwise one line per evaluation]")
+@_mpi_guarded
 def train(config_path: str, overrides: tuple[str, ...], resume: bool, overwrite: bool,
           progress: bool | None) -> None:
-    """Train a model from a YAML config; checkpoints and metrics go to output.dir."""
+    """Train a model from a YAML config; checkpoints and metrics go to output.dir.
+
+    \b
+    On several processes, one machine or many (pip install "charrnn[mpi]"):
+      mpiexec -n 4 charrnn train --config FILE
+      mpiexec -f hostfile -n 8 -ppn 2 charrnn train --config FILE
+    trains the same model: each rank takes train.batch_size / N of the streams, which N
+    must divide. Rank 0 reads the config and the corpus (the other nodes need neither, only
+    this installation at the same path) and alone writes output.dir. CHARRNN_THREADS
+    defaults to a node's cores over its ranks. --set train.reduce=ordered: the weights of
+    one process with CHARRNN_THREADS=N, bit for bit. --resume works with any N. As root, or
+    with more ranks than cores, see the README's "Beyond one machine".
+    """
     from .api import train as train_run
+    from .distributed import cli_config, world
     from .parallel import serial_note, stream_groups
     from .train import Trainer
 
@@ -102,6 +134,11 @@ def train(config_path: str, overrides: tuple[str, ...], resume: bool, overwrite:
         raise click.UsageError("--resume and --overwrite exclude each other")
     if progress is None:
         progress = sys.stderr.isatty()
+    mpi = world()  # None outside mpiexec
+    config = config_path
+    if mpi is not None:  # rank 0's config on every rank; rank 0 alone prints
+        config, overrides = cli_config(mpi, config_path, overrides)
+        progress = progress and mpi.is_root
     resume_cmd = " ".join(
         ["charrnn", "train", "--config", shlex.quote(config_path)]
         + [f"--set {shlex.quote(o)}" for o in overrides] + ["--resume"]
@@ -118,16 +155,20 @@ def train(config_path: str, overrides: tuple[str, ...], resume: bool, overwrite:
             f"hidden {trainer.cfg.model.hidden_size}, {trainer.model.num_params:,} parameters; "
             f"corpus {trainer.corpus.num_chars:,} chars ({len(trainer.corpus.train):,} train, "
             f"{len(trainer.corpus.val):,} val), vocab {trainer.vocab.size}; "
-            f"{t.max_steps} steps of {t.batch_size}x{t.seq_length} on "
-            f"{len(stream_groups(t.batch_size))} thread(s)"
+            + (f"{t.max_minutes:g} minutes" if t.max_minutes else f"{t.max_steps} steps")
+            + f" of {t.batch_size}x{t.seq_length} on "
+            + (f"{mpi.size} MPI ranks x " if mpi is not None else "")
+            + f"{len(stream_groups(t.batch_size // (mpi.size if mpi else 1)))} thread(s)"
             + (f"; {note}" if (note := serial_note()) else ""))
         click.echo(banner, err=True)
 
     # Ctrl-C / SIGTERM: while loading, stop at once (exit 130 / 143); once training, finish
     # the step, write a checkpoint, then stop with the same exit codes
-    result = train_run(config_path, overrides, resume, overwrite=overwrite, progress=progress,
+    result = train_run(config, overrides, resume, overwrite=overwrite, progress=progress,
                        echo=lambda s: click.echo(s, err=True), on_start=on_start,
                        resume_hint=resume_cmd)
+    if not started:  # an MPI rank other than 0: rank 0 reports
+        return
     trainer = started[0]
     lines = [f"trained {result.steps} steps, {result.num_params:,} parameters, "
              f"{result.chars_per_sec:,.0f} chars/s"]
@@ -223,6 +264,13 @@ def sample(checkpoint: str, seed: str, length: int, temperature: float, top_k: i
 # -- eval ------------------------------------------------------------------------------
 
 
+def _finite(ctx: click.Context, param: click.Parameter, value: float) -> float:
+    """Refuses nan and inf, which click's FloatRange lets through."""
+    if value is not None and not math.isfinite(value):
+        raise click.BadParameter(f"{value} is not a finite number", ctx, param)
+    return value
+
+
 @cli.command(name="eval")
 @click.option("--checkpoint", required=True, type=click.Path(),
               help="A .safetensors checkpoint, or a run directory (then its best checkpoint).")
@@ -232,27 +280,85 @@ def sample(checkpoint: str, seed: str, length: int, temperature: float, top_k: i
               show_default=True,
               help="Characters outside the vocabulary: skip drops them from the stream "
                    "(and counts them); error refuses the file with exit code 2.")
-@click.option("--json", "as_json", is_flag=True, default=False,
-              help="Print one JSON object with loss, bpc, perplexity, chars, unknown_chars.")
+@click.option("--json", "as_json", is_flag=True, default=False, show_default=True,
+              help="Print one JSON object with loss, bpc, perplexity, chars, unknown_chars "
+                   "(with --dynamic also dynamic, static_loss, static_bpc, static_perplexity, "
+                   "gain_bpc, seq_length, dynamic_lr, dynamic_decay).")
 @click.option("--batch-size", default=EVAL_BATCH, show_default=True, type=click.IntRange(min=1),
-              help="Parallel streams the text is cut into.")
+              help="Parallel streams the text is cut into (--dynamic: always one stream).")
 @click.option("--seq-length", default=EVAL_SEQ, show_default=True, type=click.IntRange(min=1),
-              help="Window length of the stateful pass.")
-def eval_(checkpoint: str, text: str, unknown: str, as_json: bool, batch_size: int,
-          seq_length: int) -> None:
-    """Score a held-out text: nats/char, bits/char and perplexity."""
+              help=f"Window length of the stateful pass; with --dynamic the segment length, "
+                   f"{DYNAMIC_SEQ} unless given.")
+@click.option("--dynamic", is_flag=True, default=False, show_default=True,
+              help="Dynamic evaluation: adapt a copy of the weights to the text as it is "
+                   "scored (see above); the checkpoint file is never changed.  "
+                   "[default: off]")
+@click.option("--dynamic-lr", default=DYNAMIC_LR, show_default=True,
+              type=click.FloatRange(min=0), callback=_finite,
+              help="Learning rate of the RMS-normalised update: about how far each weight "
+                   "moves per segment. 0: no adaptation (the static score).")
+@click.option("--dynamic-decay", default=DYNAMIC_DECAY, show_default=True,
+              type=click.FloatRange(0, 1), callback=_finite,
+              help="Fraction of the way back to the trained weights each update takes.")
+@click.option("--progress/--no-progress", default=None,
+              help="Show a progress bar with --dynamic.  [default: when stderr is a terminal]")
+@click.pass_context
+def eval_(ctx: click.Context, checkpoint: str, text: str, unknown: str, as_json: bool,
+          batch_size: int, seq_length: int, dynamic: bool, dynamic_lr: float,
+          dynamic_decay: float, progress: bool | None) -> None:
+    """Score a held-out text: nats/char, bits/char and perplexity.
+
+    \b
+    --dynamic: dynamic evaluation (Krause et al. 2018). The text is one stream, scored in
+    segments of --seq-length characters, the hidden state carried. Each segment's loss is
+    counted first, with the weights adapted on the segments before it, and only then is the
+    segment used for an update, so no character is scored by weights that have seen it:
+      g = clip(grad of the segment's mean NLL, global norm 5)
+      MS = bias-corrected EMA (0.99) of g**2 over the segments so far
+      theta += -lr * g / (sqrt(MS) + 1e-8) + decay * (theta0 - theta)
+    The static loss of the same segments is reported beside, and the gain.
+    """
     from .api import load
 
-    r = load(checkpoint).score_file(text, unknown=unknown, batch_size=batch_size,
-                                    seq_length=seq_length)
+    if not dynamic:
+        for name in ("dynamic_lr", "dynamic_decay"):
+            if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT:
+                raise click.UsageError(f"--{name.replace('_', '-')} needs --dynamic")
+    model = load(checkpoint)
+    if dynamic:
+        if ctx.get_parameter_source("seq_length") is click.core.ParameterSource.DEFAULT:
+            seq_length = DYNAMIC_SEQ
+        from tqdm import tqdm
+
+        show = sys.stderr.isatty() if progress is None else progress
+        with tqdm(unit="char", unit_scale=True, disable=not show, file=sys.stderr,
+                  desc="dynamic eval", leave=False, dynamic_ncols=True) as bar:
+
+            def advance(done: int, total: int) -> None:
+                bar.total = total
+                bar.update(done - bar.n)
+
+            r = model.score_file(text, unknown=unknown, seq_length=seq_length, dynamic=True,
+                                 dynamic_lr=dynamic_lr, dynamic_decay=dynamic_decay,
+                                 progress=advance)
+    else:
+        r = model.score_file(text, unknown=unknown, batch_size=batch_size, seq_length=seq_length)
     if as_json:
         click.echo(json.dumps(r.to_json()))
         return
-    click.echo(f"loss        {r.loss:.4f} nats/char\n"
-               f"bpc         {r.bpc:.4f} bits/char\n"
-               f"perplexity  {r.perplexity:.3f}\n"
-               f"chars       {r.chars}\n"
-               f"unknown     {r.unknown_chars} (skipped)")
+    tag = " (dynamic)" if dynamic else ""
+    lines = [f"loss        {r.loss:.4f} nats/char{tag}",
+             f"bpc         {r.bpc:.4f} bits/char{tag}",
+             f"perplexity  {r.perplexity:.3f}{tag}"]
+    if dynamic:
+        lines += [f"static      {r.static_loss:.4f} nats/char, {r.static_bpc:.4f} bits/char, "
+                  f"perplexity {r.static_perplexity:.3f}",
+                  f"gain        {r.gain_bpc:.4f} bits/char "
+                  f"({100 * r.gain_bpc / r.static_bpc:.1f}%)",
+                  f"segments    {r.seq_length} chars, one stream, lr {r.dynamic_lr:g}, "
+                  f"decay {r.dynamic_decay:g}"]
+    lines += [f"chars       {r.chars}", f"unknown     {r.unknown_chars} (skipped)"]
+    click.echo("\n".join(lines))
 
 
 # -- vocab -----------------------------------------------------------------------------
@@ -587,6 +693,55 @@ def lab_memory(cells: str, lags: str | None, seq_lengths: str | None, params: in
     click.echo(json.dumps(report) if as_json else memory.format_table(report))
     if plot_path:
         memory.plot_memory(report, plot_path)
+
+
+@lab.command("cold-start")
+@click.option("--checkpoint", required=True, type=click.Path(),
+              help="A .safetensors checkpoint, or a run directory (then its best checkpoint). "
+                   "Only read.")
+@click.option("--text", required=True, type=click.Path(),
+              help="UTF-8 text to find the positions in, e.g. the validation tail.")
+@click.option("--lines", default=64, show_default=True, type=click.IntRange(min=1),
+              help="Most positions (paragraph starts), evenly spread over those in the text.")
+@click.option("--predictions", default=20, show_default=True, type=click.IntRange(min=1),
+              help="Characters predicted after each seed, text[e .. e+N-1] (the newline "
+                   "first), cold and warm; only these are scored.")
+@click.option("--context", default=200, show_default=True, type=click.IntRange(min=0),
+              help="Characters before each seed that warm reads first (0: warm is cold).")
+@click.option("--max-seed", default=40, show_default=True, type=click.IntRange(min=1),
+              help="Longest seed (first line) used; starts with a longer first line are not "
+                   "used, and counted apart (long_seeds).")
+@click.option("--json", "as_json", is_flag=True, default=False,
+              help="Print one JSON object {cold_loss, warm_loss, gap, positions, predictions, "
+                   "context, per_offset, max_cold, recovery_offset, skipped, max_seed, "
+                   "long_seeds} instead of the table.  [default: off]")
+def lab_cold_start(checkpoint: str, text: str, lines: int, predictions: int, context: int,
+                   max_seed: int, as_json: bool) -> None:
+    """How badly a model continues a seed such as "ROMEO:" from the zero state, against
+    the same predictions with context.
+
+    \b
+    Positions: the starts p of the lines that follow a blank line (in tiny-shakespeare the
+    speaker names). The seed is that first line, text[p:e] without its line ending; the
+    predictions are the N = --predictions characters after it, text[e .. e+N-1] (the
+    newline first, then the speech). Used: starts at least --context characters into the
+    text with N characters after the seed, whose seed is at most --max-seed characters
+    (longer ones are counted apart) and whose window holds no character outside the
+    vocabulary (else skipped, and counted); at most --lines of them, evenly spread (first
+    and last included). With teacher forcing:
+      cold: from the zero state, read the seed, then predict the N characters;
+      warm: from the zero state, read the --context characters before p, then the
+            same seed and predictions.
+    Only the N predictions after the seed are scored, in both. Reported in nats/char: the
+    mean cold and warm loss, the gap (cold - warm), the means per offset 1..N, the largest
+    per-position cold loss, and the recovery offset: the first offset from which the cold
+    mean stays within 0.1 nats of the warm one.
+    """
+    from .lab.coldstart import measure
+
+    report = measure(checkpoint, text, lines=lines, predictions=predictions, context=context,
+                     max_seed=max_seed)
+    click.echo(json.dumps(report.to_json()) if as_json else report.table())
 
 
 def main() -> None:

@@ -48,6 +48,7 @@ class ModelConfig:
     num_layers: int = 2
     embedding_size: int = 64  # 0 means one-hot input
     dropout: float = 0.0
+    weight_drop: float = 0.0  # DropConnect on weight_hh, one mask per window
 
 
 @dataclass
@@ -76,6 +77,10 @@ class TrainConfig:
     beta2: float = 0.999  # extension: adam / adamw
     eps: float = 1e-8  # extension: rmsprop / adagrad / adam / adamw
     lr_min: float = 0.0  # extension: floor of the cosine schedule
+    max_minutes: float = 0.0  # wall-clock budget; the schedule spans the steps that fit
+    ema: float = 0.0  # decay of the weights' moving average (0: off); evaluation uses it
+    reset_prob: float = 0.0  # extension: chance a stream's carried state is zeroed per window
+    reduce: Literal["allreduce", "ordered"] = "allreduce"  # MPI: how gradients are summed
 
 
 @dataclass
@@ -107,6 +112,7 @@ BOUNDS: dict[str, tuple[tuple[str, float], ...]] = {
     "model.num_layers": ((">=", 1),),
     "model.embedding_size": ((">=", 0),),
     "model.dropout": _UNIT,
+    "model.weight_drop": _UNIT,
     "train.batch_size": ((">=", 1),),
     "train.seq_length": ((">=", 1),),
     "train.max_steps": ((">=", 1),),
@@ -126,6 +132,9 @@ BOUNDS: dict[str, tuple[tuple[str, float], ...]] = {
     "train.beta2": _UNIT,
     "train.eps": ((">", 0),),
     "train.lr_min": ((">=", 0),),
+    "train.max_minutes": ((">=", 0),),
+    "train.ema": _UNIT,
+    "train.reset_prob": _UNIT,
     "output.keep_last": ((">=", 1),),
 }
 NONEMPTY = {"data.path", "data.include", "data.encoding", "output.dir"}

@@ -343,13 +343,18 @@ class WindowStream:
     """
 
     def __init__(
-        self, ids: np.ndarray, batch_size: int, seq_length: int, name: str = "the training split"
+        self, ids: np.ndarray, batch_size: int, seq_length: int, name: str = "the training split",
+        columns: slice | None = None,
     ) -> None:
+        """`columns`: hand out only these streams of the batch (an MPI rank's block, see
+        charrnn.distributed); the windows and the position are the whole batch's."""
         if batch_size < 1 or seq_length < 1:
             raise ValueError("batch_size and seq_length must be positive")
         self.batch_size = batch_size
         self.seq_length = seq_length
         self.rows = batchify(ids, batch_size)  # (B, L)
+        if columns is not None:
+            self.rows = self.rows[columns]  # (B_rank, L)
         self.num_windows = (self.rows.shape[1] - 1) // seq_length
         if self.num_windows < 1:
             need = batch_size * (seq_length + 1)

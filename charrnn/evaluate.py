@@ -5,10 +5,12 @@ from __future__ import annotations
 import itertools
 import math
 import os
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from . import blas
 from .checkpoint import load_checkpoint, resolve_checkpoint
 from .data import eval_windows, load_text_ids
 from .model import CharRNN, token_nll
@@ -70,20 +72,31 @@ def score(
     batch_size: int = EVAL_BATCH,
     seq_length: int = EVAL_SEQ,
     threads: int | None = None,
+    ranks: tuple[int, int] = (0, 1),
 ) -> tuple[float, int]:
     """Total NLL in nats and the number of characters scored: every id after the first of
     each evaluation stream is predicted once, with the state carried across windows.
 
     The streams are independent, so they are split into groups (default: one per core, see
     charrnn.parallel), each scored on its own thread, with its own carried state. The total
-    differs between thread counts by float rounding only."""
+    differs between thread counts by float rounding only.
+
+    `ranks` = (r, N): only the r-th of N contiguous blocks of the streams, an MPI rank's
+    share (charrnn.distributed sums the ranks' totals), BLAS single-threaded as each group
+    of one process has it."""
     windows = eval_windows(ids, batch_size, seq_length)
     first = next(windows, None)
     if first is None:
         return 0.0, 0
-    columns = stream_groups(first[0].shape[1], threads)
+    rank, size = ranks
+    b = first[0].shape[1]
+    start, stop = b * rank // size, b * (rank + 1) // size
+    if stop <= start:
+        return 0.0, 0
+    columns = [slice(start + c.start, start + c.stop)
+               for c in stream_groups(stop - start, threads)]
     groups = [_StreamGroup(m, c) for m, c in zip(model.replicas(len(columns)), columns)]
-    with model.frozen():
+    with model.frozen(), (blas.single_threaded() if size > 1 else nullcontext()):
         for window in itertools.chain([first], windows):
             run_groups(lambda g, window=window: groups[g].score(*window), len(groups))
     return sum(g.total for g in groups), sum(g.count for g in groups)

@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from . import blas
 from .cells import (
     CELLS,
     Cell,
@@ -52,6 +53,7 @@ class ModelShape:
     num_layers: int
     embedding_size: int
     dropout: float = 0.0
+    weight_drop: float = 0.0  # DropConnect on weight_hh in training, one mask per window
 
 
 def param_shapes(shape: ModelShape) -> dict[str, tuple[int, ...]]:
@@ -152,6 +154,14 @@ def scatter_add_rows(ids: np.ndarray, rows: np.ndarray, num: int) -> np.ndarray:
     return out
 
 
+def apply_weight_masks_(grads: Params, weight_masks: list[np.ndarray] | None) -> None:
+    """weight_hh gradients of W_hh * M (weight drop) to those of the raw W_hh: times M, once
+    for all the groups (and ranks) summed."""
+    if weight_masks is not None:
+        for k, M in enumerate(weight_masks):
+            grads[f"rnn.weight_hh_l{k}"] *= M  # (G*H, H)
+
+
 # ---------------------------------------------------------------------------------------
 
 
@@ -161,6 +171,8 @@ class _Prepared:
 
     def __init__(self) -> None:
         self.cache: dict[str, Any] | None = None  # None: outside a frozen scope
+        # the scope's DropConnect masks on weight_hh, one (G*H, H) per layer, or None
+        self.weight_masks: list[np.ndarray] | None = None
         self.buffers: Workspace = {}  # packed weights, reused from scope to scope
         self.lock = threading.RLock()  # making one form may ask for another
 
@@ -206,6 +218,20 @@ class CharRNN:
         keep = [rng.random((batch_size, H)) >= p for _ in range(self.shape.num_layers)]
         return [(k / (1.0 - p)).astype(self.dtype) for k in keep]
 
+    def weight_drop_masks(self, rng: np.random.Generator) -> list[np.ndarray] | None:
+        """One DropConnect mask per layer for weight_hh (G*H, H), shared by every stream, thread
+        group and step of a window: 0 where a weight is dropped, 1/(1-p) where it is kept.
+        None when shape.weight_drop is 0, and then `rng` is not touched.
+
+        Drawn for the whole weight, layer after layer, whatever the batch and the number of
+        threads, so that every process drawing from the same generator gets the same masks."""
+        p = self.shape.weight_drop
+        if p <= 0:
+            return None
+        G, H = self.cell.gates * self.shape.hidden_size, self.shape.hidden_size
+        keep = [rng.random((G, H)) >= p for _ in range(self.shape.num_layers)]  # (G*H, H)
+        return [(k / (1.0 - p)).astype(self.dtype) for k in keep]
+
     # -- a whole window --------------------------------------------------------------------
 
     def replicas(self, n: int) -> list[CharRNN]:
@@ -218,19 +244,54 @@ class CharRNN:
         return self._replicas[:n]
 
     @contextmanager
-    def frozen(self) -> Iterator[CharRNN]:
+    def frozen(self, weight_masks: list[np.ndarray] | None = None) -> Iterator[CharRNN]:
         """A scope in which the parameters do not change (a training window, scoring): the
         weights in the forms the passes use (scaled, packed, the input table) are made once
-        instead of on every call, and shared with the replicas."""
+        instead of on every call, and shared with the replicas.
+
+        With `weight_masks` (`weight_drop_masks`), forward and backward use the recurrent
+        weights W_hh * M of layer k, M = weight_masks[k], made once for the scope; backward's
+        weight_hh gradients are then with respect to W_hh * M (loss_and_grads multiplies them
+        by M). A scope inside another has the outer one's masks."""
         prepared = self._prepared
         if prepared.cache is not None:  # already inside
+            outer = prepared.weight_masks
+            if weight_masks is not None and (
+                outer is None or not all(map(np.array_equal, weight_masks, outer))
+            ):
+                raise ValueError("weight masks cannot change inside a frozen scope")
             yield self
             return
+        if weight_masks is not None:
+            weight_masks = self._checked_weight_masks(weight_masks)
         prepared.cache = {}
+        prepared.weight_masks = weight_masks
         try:
             yield self
         finally:
             prepared.cache = None
+            prepared.weight_masks = None
+
+    def _checked_weight_masks(self, weight_masks: list[np.ndarray]) -> list[np.ndarray]:
+        """The masks in the model's dtype (a float64 mask would turn a float32 weight into
+        float64, off the compiled kernels), after a check of their number and shapes."""
+        shape = param_shapes(self.shape)["rnn.weight_hh_l0"]
+        if len(weight_masks) != self.shape.num_layers or any(
+            m.shape != shape for m in weight_masks
+        ):
+            raise ValueError(
+                f"weight masks: one {shape} array per layer ({self.shape.num_layers}) expected"
+            )
+        return [np.asarray(m, dtype=self.dtype) for m in weight_masks]
+
+    def _recurrent(self, k: int) -> np.ndarray:
+        """Layer k's recurrent weight (G*H, H) as this scope's passes use it: weight_hh, or
+        weight_hh * M under the scope's DropConnect mask M (made once per scope)."""
+        W_hh = self.params[f"rnn.weight_hh_l{k}"]  # (G*H, H)
+        masks = self._prepared.weight_masks
+        if masks is None:
+            return W_hh
+        return self._prepare(f"W_hh{k}", lambda: W_hh * masks[k])  # (G*H, H)
 
     def _prepare(self, key: str, make: Callable[[], Any]) -> Any:
         prepared = self._prepared
@@ -250,7 +311,7 @@ class CharRNN:
             W_in, b_in = cell.input_weights(
                 p[f"rnn.weight_ih_l{k}"], p[f"rnn.bias_ih_l{k}"], p[f"rnn.bias_hh_l{k}"]
             )
-            return W_in, b_in, cell.recurrent_weights(p[f"rnn.weight_hh_l{k}"])
+            return W_in, b_in, cell.recurrent_weights(self._recurrent(k))
 
         return self._prepare(f"layer{k}", make)
 
@@ -329,7 +390,8 @@ class CharRNN:
         """dL/dlogits (T*B, V) -> (grads by parameter name, dL/d initial state per layer).
 
         `dstate` is the gradient arriving on the final state from a later window (zero under
-        truncated BPTT; the gradient checks use it)."""
+        truncated BPTT; the gradient checks use it). In a frozen scope with weight masks the
+        weight_hh gradients are with respect to the masked weights W_hh * M (see `frozen`)."""
         p, L = self.params, self.shape.num_layers
         x = cache["x"]
         T, B = x.shape
@@ -346,7 +408,7 @@ class CharRNN:
             else:
                 dfinal = dstate[k]
             W_ih = p[f"rnn.weight_ih_l{k}"]
-            W_hh = p[f"rnn.weight_hh_l{k}"]
+            W_hh = self._recurrent(k)  # (G*H, H), masked under weight drop
             dxproj, dW_hh, db_hh, dstate0[k] = self.cell.backward(
                 dtop, dfinal, cache["caches"][k], W_hh, self._bwd_ws,
                 self._packed(f"W_hh.T{k}", W_hh.T),
@@ -370,12 +432,31 @@ class CharRNN:
                 )  # (V, E)
         return grads, dstate0
 
-    def loss_and_grads(self, x, y, state, masks=None, dstate=None):
+    def loss_and_grads(self, x, y, state, masks=None, dstate=None, weight_masks=None):
         """One truncated-BPTT window: mean NLL, gradients, final state (no gradient past it).
+
+        `masks`: dropout masks (`dropout_masks`); `weight_masks`: DropConnect masks on
+        weight_hh (`weight_drop_masks`), one per layer for the whole window: the recurrent
+        weight used is W_hh * M, and since d(W_hh * M)/dW_hh = M elementwise, the gradient
+        returned for weight_hh is dL/d(W_hh * M) * M.
 
         The batch's streams are split into groups that run on separate threads, each by one
         of `replicas()` (charrnn.parallel); the groups' losses and gradients add up to the
         batch's, their states are concatenated."""
+        loss, grads, new_state, weight_masks = self.summed_groups(
+            x, y, state, masks, dstate, weight_masks)
+        apply_weight_masks_(grads, weight_masks)
+        return loss, grads, new_state
+
+    def summed_groups(self, x, y, state, masks=None, dstate=None, weight_masks=None,
+                      denominator: int | None = None, single_blas: bool = False):
+        """`loss_and_grads` before its last factor: (loss, grads, new state, the weight masks
+        in the model's dtype or None), the weight_hh gradients still those of W_hh * M.
+
+        Each group's NLL is divided by `denominator` (default this batch's T * B). An MPI
+        rank passes the whole batch's, applies the masks once the ranks' sums are reduced
+        (apply_weight_masks_), and asks for single-threaded BLAS even with one group, as
+        each thread group of a single process has (charrnn.distributed)."""
         T, B = x.shape
         groups = stream_groups(B)
         replicas = self.replicas(len(groups))
@@ -388,17 +469,19 @@ class CharRNN:
                 columns(state, cols),
                 None if masks is None else [m[cols] for m in masks],
                 None if dstate is None else columns(dstate, cols),
-                T * B,
+                T * B if denominator is None else denominator,
             )
 
-        with self.frozen():  # fixed for the window: the weights' forms made once, shared
+        # fixed for the window: the weights' forms (masked ones too) made once, shared
+        with self.frozen(weight_masks), (blas.single_threaded() if single_blas else nullcontext()):
             results = run_groups(run, len(groups))
+            weight_masks = self._prepared.weight_masks  # in the model's dtype
         loss, grads, _ = results[0]
         for other_loss, other_grads, _ in results[1:]:
             loss += other_loss
             for k, g in grads.items():
                 g += other_grads[k]
-        return loss, grads, concatenate([r[2] for r in results])
+        return loss, grads, concatenate([r[2] for r in results]), weight_masks
 
     def _group_loss_and_grads(self, x, y, state, masks, dstate, denominator: int):
         """loss_and_grads for a group of the batch's streams: its summed NLL / `denominator`

@@ -152,3 +152,31 @@ class Optimizer:
                     raise ValueError(f"optimizer state {m}.{k}: shape {src.shape}, not {a.shape}")
                 a[...] = src
         self.t = int(np.asarray(state["t"]).reshape(-1)[0])
+
+
+class WeightAverage:
+    """An exponential moving average of the parameters, updated after every optimizer step:
+
+        decay_t = min(decay, (1 + t) / (10 + t))      t = updates so far (0 first)
+        avg    <- decay_t * avg + (1 - decay_t) * params
+
+    The ramp on decay_t (TensorFlow's ExponentialMovingAverage with num_updates) keeps the
+    average from dwelling on the initial weights: with decay 0.999 and no ramp, the random
+    initialisation would still weigh e^-1 after 1000 steps. The average starts as a copy of
+    the parameters and never feeds back into training."""
+
+    def __init__(self, params: Params, decay: float):
+        self.decay = decay
+        self.params: Params = {k: p.copy() for k, p in params.items()}
+        self.updates = 0
+
+    def rate(self) -> float:
+        """decay_t of the next update."""
+        return min(self.decay, (1.0 + self.updates) / (10.0 + self.updates))
+
+    def update(self, params: Params) -> None:
+        d = self.rate()
+        for k, avg in self.params.items():
+            # the same as d * avg + (1 - d) * p, with the rounding of an increment
+            avg += (params[k] - avg) * avg.dtype.type(1.0 - d)
+        self.updates += 1

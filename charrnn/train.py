@@ -16,7 +16,7 @@ import sys
 import time
 import types
 from collections.abc import Callable
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,9 +25,11 @@ import numpy as np
 import yaml
 from tqdm import tqdm
 
-from .checkpoint import Checkpoint, CheckpointManager, model_shape
+from .budget import TimeBudget
+from .checkpoint import BEST, Checkpoint, CheckpointManager, model_shape
 from .config import Config, config_to_dict, resolve_paths
 from .data import Corpus, WindowStream, load_corpus
+from .distributed import NoMetrics, quiet, rank_trainer
 from .errors import (
     CheckpointError,
     DataError,
@@ -38,7 +40,7 @@ from .errors import (
 from .evaluate import score
 from .fileio import atomic_write_bytes, pid_alive, remove_stale_temps
 from .model import CharRNN
-from .optim import Optimizer, clip_by_global_norm_, learning_rate
+from .optim import Optimizer, WeightAverage, clip_by_global_norm_, learning_rate
 from .signals import TrainingSignals
 
 try:
@@ -237,13 +239,15 @@ class StopSignals:
 # -- the loop -------------------------------------------------------------------------------
 
 
-def _lr(cfg: Config, step: int) -> float:
+def _lr(cfg: Config, step: int, horizon: float | None = None) -> float:
+    """The learning rate of update `step`, the schedule spanning `horizon` steps (default
+    train.max_steps; a time budget's planned steps, math.inf before they are known)."""
     t = cfg.train
     return learning_rate(
         step,
         base_lr=t.learning_rate,
         schedule=t.lr_schedule,
-        max_steps=t.max_steps,
+        max_steps=t.max_steps if horizon is None else horizon,
         warmup_steps=t.warmup_steps,
         decay=t.lr_decay,
         decay_every=t.lr_decay_every,
@@ -259,7 +263,8 @@ def cache_dir() -> Path | None:
     return Path(xdg) / "charrnn"
 
 
-def _check_resume_compatible(cfg: Config, ckpt: Checkpoint, corpus: Corpus) -> None:
+def _check_resume_compatible(cfg: Config, ckpt: Checkpoint, corpus: Corpus,
+                             planned_steps: int | None = None) -> None:
     if ckpt.config.model != cfg.model:
         raise CheckpointError(
             f"{ckpt.path}: its model section {config_to_dict(ckpt.config)['model']} differs "
@@ -269,6 +274,12 @@ def _check_resume_compatible(cfg: Config, ckpt: Checkpoint, corpus: Corpus) -> N
         raise CheckpointError(
             f"{ckpt.path}: its vocabulary ({ckpt.vocab.size} chars) differs from the corpus "
             f"{cfg.data.path} ({corpus.vocab.size} chars); resume needs the same data"
+        )
+    if planned_steps is not None and ckpt.step >= planned_steps:
+        raise CheckpointError(
+            f"{ckpt.path}: already at step {ckpt.step}, the end of its train.max_minutes="
+            f"{cfg.train.max_minutes:g} budget; to train further, resume with another "
+            "train.max_minutes (a new plan) or train.max_minutes=0 and a train.max_steps"
         )
     if ckpt.step >= cfg.train.max_steps:
         raise CheckpointError(
@@ -281,14 +292,19 @@ class Trainer:
     def __init__(self, cfg: Config, resume: bool = False, overwrite: bool = False):
         self.cfg = cfg = resolve_paths(cfg)
         t = cfg.train
-        self.run_dir = prepare_run_dir(cfg.output.dir)
+        # under mpiexec: this rank's streams, the reductions (charrnn.distributed); else None
+        self.dist = rank_trainer(t.batch_size, t.reduce)
+        self.local_batch = t.batch_size if self.dist is None else self.dist.local_batch
+        self.run_dir = self._on_root(prepare_run_dir, cfg.output.dir)
         self.ckpts = CheckpointManager(self.run_dir, cfg.output.keep_last)
         self.resume = resume
         self.overwrite = overwrite
-        self.corpus = load_corpus(cfg.data, cache_dir=cache_dir() if cfg.data.cache else None)
+        self.corpus = self._on_root(load_corpus, cfg.data,
+                                    cache_dir=cache_dir() if cfg.data.cache else None)
         self.vocab = self.corpus.vocab
         self.stream = WindowStream(self.corpus.train, t.batch_size, t.seq_length,
-                                   name=f"{cfg.data.path}: the training split")
+                                   name=f"{cfg.data.path}: the training split",
+                                   columns=None if self.dist is None else self.dist.cols)
         shape = model_shape(cfg, self.vocab.size)
         self.model = CharRNN.create(shape, seed=t.seed, dtype=t.dtype)
         self.optimizer = Optimizer(
@@ -300,8 +316,17 @@ class Trainer:
             eps=t.eps,
             weight_decay=t.weight_decay,
         )
-        self.rng = np.random.default_rng(t.seed + 1)  # dropout masks
-        self.state = self.model.zero_state(t.batch_size)
+        self.rng = np.random.default_rng(t.seed + 1)  # dropout, weight-drop and reset draws
+        # train.ema: evaluation, best.safetensors and the model tensors of every checkpoint
+        # are the moving average's; the raw weights train on (and are saved beside it)
+        self.ema = WeightAverage(self.model.params, t.ema) if t.ema > 0 else None
+        self.eval_model = self.model if self.ema is None else CharRNN(shape, self.ema.params)
+        self.budget = (TimeBudget(t.max_minutes, t.max_steps, t.eval_every)
+                       if t.max_minutes > 0 else None)
+        if self.budget is not None and self.dist is not None:
+            self.budget = self.dist.root_budget(self.budget)  # rank 0's clock decides
+        self.clock = time.perf_counter  # tests of the budget put a fake clock here
+        self.state = self.model.zero_state(self.local_batch)
         self.step = 0
         self.best_loss: float | None = None  # validation loss (training loss without val)
         self.best_val: float | None = None
@@ -312,11 +337,22 @@ class Trainer:
         if t.eval_max_chars and len(self.val_ids) > t.eval_max_chars:
             self.val_ids = self.val_ids[: t.eval_max_chars]
 
+    def _on_root(self, fn: Callable[..., Any], *args: Any, share: bool = True,
+                 **kwargs: Any) -> Any:
+        """fn(*args, **kwargs); under MPI on rank 0 alone, its result (with `share`) or its
+        error on every rank (charrnn.distributed.World.root_call)."""
+        if self.dist is None:
+            return fn(*args, **kwargs)
+        return self.dist.w.root_call(fn, *args, share=share, **kwargs)
+
     # -- state in and out of checkpoints ----------------------------------------------------
 
-    def _train_tensors(self) -> dict[str, np.ndarray]:
+    def _train_tensors(self, state: list | None = None) -> dict[str, np.ndarray]:
+        """The training tensors of a checkpoint; `state`: the whole batch's (default ours)."""
         tensors = {f"optim.{k}": v for k, v in self.optimizer.state_dict().items()}
-        for k, layer in enumerate(self.state):
+        if self.ema is not None:  # the model tensors are the average: these train on
+            tensors.update({f"raw.{k}": v for k, v in self.model.params.items()})
+        for k, layer in enumerate(self.state if state is None else state):
             for name, s in zip("hc", layer, strict=False):
                 tensors[f"state.l{k}.{name}"] = s
         return tensors
@@ -329,17 +365,28 @@ class Trainer:
             "best_val": self.best_val,
             "elapsed_sec": self.elapsed,
             "signals": self.signals.state_dict(),
+            "ema_updates": None if self.ema is None else self.ema.updates,
+            "budget": None if self.budget is None else self.budget.state_dict(),
         }
 
     def _restore(self, ckpt: Checkpoint) -> None:
-        _check_resume_compatible(self.cfg, ckpt, self.corpus)
+        if self.budget is not None:
+            self.budget.load_state_dict(ckpt.train_state.get("budget"))
+        _check_resume_compatible(self.cfg, ckpt, self.corpus,
+                                 None if self.budget is None else self.budget.planned_steps)
         dtype = np.dtype(self.cfg.train.dtype)
         try:
             for name, t in ckpt.train_tensors.items():
                 if t.dtype.kind not in "fiu" or not np.isfinite(t).all():
                     raise ValueError(f"tensor {name!r} holds {t.dtype} values, or NaN/Inf")
+            raw = {k[len("raw.") :]: v for k, v in ckpt.train_tensors.items()
+                   if k.startswith("raw.")}
             for k, p in self.model.params.items():
-                p[...] = ckpt.params[k]
+                # with train.ema the model tensors are the average, the raw weights apart
+                # (a checkpoint made without it has only the one set: both start from it)
+                p[...] = raw.get(k, ckpt.params[k])
+                if self.ema is not None:
+                    self.ema.params[k][...] = ckpt.params[k]
             self.optimizer.load_state_dict(
                 {k[len("optim.") :]: v for k, v in ckpt.train_tensors.items()
                  if k.startswith("optim.")}
@@ -367,24 +414,31 @@ class Trainer:
         self.best_loss, self.best_val = best_loss, best_val
         self.elapsed = elapsed
         self.signals.load_state_dict(ts.get("signals"))
+        if self.ema is not None:
+            updates = ts.get("ema_updates")
+            self.ema.updates = ckpt.step if updates is None else int(updates)
         self.step = ckpt.step
 
     def _save(self, best: bool = False) -> Path:
-        if not all(np.isfinite(p).all() for p in self.model.params.values()):
+        params = self.eval_model.params  # the moving average's, with train.ema
+        if not all(np.isfinite(p).all() for p in params.values()):
             raise NonFiniteError(
                 f"step {self.step}: weights are not finite; checkpoint not written"
             )
+        state = self.state if self.dist is None else self.dist.gather_state(self.state)
+        if state is None:  # an MPI rank other than 0: its streams' state went to rank 0
+            return self.run_dir / BEST if best else self.ckpts.path_for(self.step)
         kwargs: dict[str, Any] = dict(
             config=self.cfg,
             vocab=self.vocab,
             info={"best_val_loss": self.best_val, "best_loss": self.best_loss,
                   "train_loss": self.last_train_loss},
-            train_tensors=self._train_tensors(),
+            train_tensors=self._train_tensors(state),
             train_state=self._train_state(),
         )
         if best:
-            return self.ckpts.save_best(self.step, self.model.params, **kwargs)
-        return self.ckpts.save(self.step, self.model.params, **kwargs)
+            return self.ckpts.save_best(self.step, params, **kwargs)
+        return self.ckpts.save(self.step, params, **kwargs)
 
     def _write_run_files(self) -> None:
         text = yaml.safe_dump(config_to_dict(self.cfg), sort_keys=False)
@@ -396,7 +450,10 @@ class Trainer:
     def validate(self) -> float | None:
         if len(self.val_ids) < 2:
             return None
-        total, count = score(self.model, self.val_ids)
+        if self.dist is not None:  # the evaluation streams split across the ranks
+            total, count = self.dist.score(self.eval_model, self.val_ids)
+        else:
+            total, count = score(self.eval_model, self.val_ids)
         return total / count
 
     def _eval_row(self, val: float | None, **row: Any) -> dict[str, Any]:
@@ -405,7 +462,7 @@ class Trainer:
         if val is not None:
             row = {"step": row.pop("step"), "val_loss": val, "val_bpc": val / math.log(2), **row}
         val_ids = self.val_ids if val is not None else None
-        return {**row, **self.signals.eval_signals(self.model.params, val_ids)}
+        return {**row, **self.signals.eval_signals(self.eval_model.params, val_ids)}
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -427,32 +484,26 @@ class Trainer:
             with StopSignals() as own:
                 return self.run(progress, resume_hint, echo, own, on_start, on_metrics)
         signals.deferred = True  # from here on a signal means: checkpoint, then stop
-        with run_dir_lock(self.run_dir):
-            remove_stale_temps(self.run_dir, dead_only=False)  # we hold the lock: all stale
-            existing = self.ckpts.latest()
-            resuming = self.resume
-            if resuming and existing is None and (self.run_dir / "config.yaml").exists():
-                # a run was started here but killed before its first checkpoint
-                echo(f"{self.run_dir} holds no checkpoint yet: starting from step 0")
-                resuming = False
+        received = signals.received
+        if self.dist is not None:  # stop after the step that every rank agrees on
+            received = self.dist.agreed_signals(signals.received)
+            if not self.dist.is_root:  # rank 0 alone writes and reports
+                progress, echo, on_start, on_metrics = False, quiet, None, None
+        with ExitStack() as held:
+            ckpt = self._on_root(self._take_run_dir, held, echo)  # the lock held in `held`
+            resuming = ckpt is not None
             if resuming:
-                self._restore(self.ckpts.load_latest_resumable(echo))
-            elif existing is not None:
-                if not self.overwrite:
-                    raise RunDirError(
-                        f"{self.run_dir} already holds checkpoints ({existing.name}); "
-                        "continue with --resume, start over with --overwrite, "
-                        "or set another output.dir"
-                    )
-                for old in self.run_dir.glob("*.safetensors"):
-                    old.unlink()
-            self._write_run_files()
+                self._restore(ckpt if self.dist is None else self.dist.local_checkpoint(ckpt))
+            elif self.dist is not None:
+                self.dist.sync_from_root(self)  # rank 0's initial weights everywhere
+            self._on_root(self._write_run_files)
             if on_start is not None:
                 on_start()
-            metrics = MetricsLog(self.run_dir / "metrics.jsonl", self.step if resuming else None,
-                                 listener=on_metrics)
+            metrics = self._on_root(MetricsLog, self.run_dir / "metrics.jsonl",
+                                    self.step if resuming else None, listener=on_metrics,
+                                    share=False) or NoMetrics()
             try:
-                return self._loop(metrics, signals.received, progress, resume_hint, echo)
+                return self._loop(metrics, received, progress, resume_hint, echo)
             except RunDirError as e:
                 if not resume_hint:
                     raise
@@ -462,6 +513,30 @@ class Trainer:
                 ) from None
             finally:
                 metrics.close()
+
+    def _take_run_dir(self, held: ExitStack, echo: Callable[[str], None]) -> Checkpoint | None:
+        """Takes output.dir (its lock then held until `held` closes): the checkpoint to
+        resume from, or None to start afresh (with --overwrite, its checkpoints deleted)."""
+        held.enter_context(run_dir_lock(self.run_dir))
+        remove_stale_temps(self.run_dir, dead_only=False)  # we hold the lock: all stale
+        existing = self.ckpts.latest()
+        resuming = self.resume
+        if resuming and existing is None and (self.run_dir / "config.yaml").exists():
+            # a run was started here but killed before its first checkpoint
+            echo(f"{self.run_dir} holds no checkpoint yet: starting from step 0")
+            resuming = False
+        if resuming:
+            return self.ckpts.load_latest_resumable(echo)
+        if existing is not None:
+            if not self.overwrite:
+                raise RunDirError(
+                    f"{self.run_dir} already holds checkpoints ({existing.name}); "
+                    "continue with --resume, start over with --overwrite, "
+                    "or set another output.dir"
+                )
+            for old in self.run_dir.glob("*.safetensors"):
+                old.unlink()
+        return None
 
     def _stop(self, step: int, what: str, last_ckpt: Path | None) -> NonFiniteError:
         t = self.cfg.train
@@ -488,9 +563,69 @@ class Trainer:
         if progress:
             self._postfix(bar, val=f"{val:.3f}", bpc=f"{val / math.log(2):.3f}")
         else:
-            echo(f"step {self.step}/{self.cfg.train.max_steps}: train loss {train_loss:.4f}, "
+            echo(f"step {self.step}/{self._end_step()}: train loss {train_loss:.4f}, "
                  f"val loss {val:.4f} ({val / math.log(2):.3f} bits/char), "
                  f"{chars_per_sec:,.0f} chars/s")
+
+    # -- the steps of the loop ----------------------------------------------------------------
+
+    def _end_step(self) -> int:
+        """The step training ends at: train.max_steps, or what fits in train.max_minutes."""
+        if self.budget is not None and self.budget.planned_steps is not None:
+            return self.budget.planned_steps
+        return self.cfg.train.max_steps
+
+    def _next_window(self):
+        """The next window's inputs and targets (T, B), with the state it starts from set
+        and this window's random draws made, in a fixed order from the trainer's RNG: the
+        streams to reset (train.reset_prob), the dropout masks, the weight-drop masks. Each
+        is drawn for the whole batch, and only when its option is on."""
+        t = self.cfg.train
+        x, y, new_epoch = self.stream.next_window()
+        if new_epoch or not t.stateful:
+            self.state = self.model.zero_state(self.local_batch)
+        if t.reset_prob > 0 and t.stateful:
+            # a cold start (the zero state) is otherwise seen once per stream per epoch
+            reset = self.rng.random(t.batch_size) < t.reset_prob  # (B,)
+            if self.dist is not None:
+                reset = self.dist.local(reset)  # this rank's streams
+            for layer in self.state:
+                for s in layer:
+                    s[reset] = 0.0
+        masks = self.model.dropout_masks(self.rng, t.batch_size)
+        weight_masks = (self.model.weight_drop_masks(self.rng)
+                        if self.cfg.model.weight_drop > 0 else None)
+        return x, y, masks, weight_masks
+
+    def _loss_and_grads(self, x, y, masks, weight_masks):
+        """The window's loss, gradients and new state; under MPI, this rank's streams and
+        the loss and gradients summed over every rank (charrnn.distributed)."""
+        if self.dist is not None:
+            return self.dist.loss_and_grads(self.model, x, y, self.state, masks, weight_masks)
+        extra = {} if weight_masks is None else {"weight_masks": weight_masks}
+        return self.model.loss_and_grads(x, y, self.state, masks, **extra)
+
+    def _after_update(self) -> None:
+        """What follows an optimizer step: the moving average of the weights."""
+        if self.ema is not None:
+            self.ema.update(self.model.params)
+
+    def _budget_step(self, bar: tqdm, say: Callable[[str], None]) -> bool:
+        """train.max_minutes after a step: fixes the plan once the first steps are timed;
+        True when the next step would end past the deadline."""
+        budget = self.budget
+        if budget is None:
+            return False
+        if budget.measured(self.step, self.elapsed):
+            t0 = self.clock()
+            self.validate()  # what an evaluation costs, for the plan
+            planned = budget.plan(self.step, self.elapsed, self.clock() - t0)
+            bar.total = planned
+            bar.refresh()
+            say(f"time budget {budget.minutes:g} min: {planned:,} steps fit "
+                f"({budget.seconds_per_step:.3f} s/step over the first steps); the "
+                f"learning-rate schedule spans them")
+        return budget.expired(self.elapsed)
 
     def _loop(self, metrics, received, progress, resume_hint, echo) -> TrainResult:
         cfg, t = self.cfg, self.cfg.train
@@ -501,27 +636,25 @@ class Trainer:
         self.last_train_loss = float("nan")
         loss_sum, loss_n, norm_last = 0.0, 0, 0.0
         skipped_in_a_row = 0
-        t_window = time.perf_counter()
+        t_window = self.clock()
         chars_window = 0
-        t_start = time.perf_counter()
+        t_start = self.clock()
         elapsed0 = self.elapsed
         last_ckpt = self.ckpts.latest()
         best_path = self.run_dir / "best.safetensors"
         bar = tqdm(
-            total=t.max_steps, initial=self.step, disable=not progress, unit="step",
+            total=self._end_step() if self.budget is None or self.budget.planned_steps
+            else None, initial=self.step, disable=not progress, unit="step",
             dynamic_ncols=True, leave=True, file=sys.stderr,
         )
         chars_per_sec = 0.0
         # overflow is detected below (loss, gradient norm, weights), not warned about
         with bar, np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-            while self.step < t.max_steps:
-                x, y, new_epoch = self.stream.next_window()
-                if new_epoch or not t.stateful:
-                    self.state = self.model.zero_state(t.batch_size)
-                masks = self.model.dropout_masks(self.rng, t.batch_size)
-                loss, grads, new_state = self.model.loss_and_grads(x, y, self.state, masks)
+            while self.step < self._end_step():
+                x, y, masks, weight_masks = self._next_window()
+                loss, grads, new_state = self._loss_and_grads(x, y, masks, weight_masks)
                 norm = clip_by_global_norm_(grads, t.grad_clip)
-                lr = _lr(cfg, self.step)
+                lr = _lr(cfg, self.step, None if self.budget is None else self.budget.horizon())
                 problem = None
                 if not (math.isfinite(loss) and math.isfinite(norm)):
                     what = "loss" if not math.isfinite(loss) else "gradient norm"
@@ -535,6 +668,7 @@ class Trainer:
                     if not all(np.isfinite(p).all() for p in self.model.params.values()):
                         raise self._stop(self.step + 1, "the weights became non-finite after "
                                          "the update (it cannot be skipped)", last_ckpt)
+                    self._after_update()
                     self.state = new_state
                     skipped_in_a_row = 0
                 else:
@@ -546,10 +680,12 @@ class Trainer:
                                          "steps in a row: the run does not recover",
                                          last_ckpt)
                     echo(f"step {self.step + 1}: {problem}; update skipped")
-                    self.state = self.model.zero_state(t.batch_size)
+                    self.state = self.model.zero_state(self.local_batch)
                 self.step += 1
-                now = time.perf_counter()
+                now = self.clock()
                 self.elapsed = elapsed0 + (now - t_start)
+                out_of_time = self._budget_step(bar, bar.write if progress else echo)
+                at_end = self.step == self._end_step() or out_of_time
                 if problem is None:
                     loss_sum += loss
                     loss_n += 1
@@ -559,7 +695,7 @@ class Trainer:
                     self.last_train_loss = loss
                     if now - t_window > 0:
                         chars_per_sec = chars_window / (now - t_window)
-                if loss_n and (self.step % t.log_every == 0 or self.step == t.max_steps):
+                if loss_n and (self.step % t.log_every == 0 or at_end):
                     row = {
                         "step": self.step, "epoch": self.stream.epoch,
                         "train_loss": loss_sum / loss_n, "lr": lr, "grad_norm": norm_last,
@@ -569,10 +705,9 @@ class Trainer:
                     self._postfix(bar, loss=f"{row['train_loss']:.3f}",
                                   chars_s=f"{chars_per_sec:,.0f}")
                     loss_sum, loss_n = 0.0, 0
-                    t_window, chars_window = time.perf_counter(), 0
+                    t_window, chars_window = self.clock(), 0
                 bar.update(1)
 
-                at_end = self.step == t.max_steps
                 if self.step % t.eval_every == 0 or at_end:
                     val = self.validate()
                     train_loss = self.last_train_loss  # of the last update made
@@ -597,7 +732,9 @@ class Trainer:
                         f"checkpoint {last_ckpt}{hint}",
                         received[0],
                     )
-        if not best_path.exists():  # resumed at the very end of a run with no evaluation
+                if out_of_time:
+                    break
+        if not self._on_root(best_path.exists):  # resumed at the very end, no evaluation
             self._save(best=True)
         total = self.elapsed - elapsed0
         return TrainResult(

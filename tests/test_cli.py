@@ -331,7 +331,7 @@ def test_help_mentions_every_option() -> None:
     assert top.exit_code == 0
     assert set(cli.commands) == {"train", "sample", "eval", "vocab", "info", "inspect", "plot",
                                  "lab"}
-    groups = {"inspect": {"gradients", "gates", "cells"}, "lab": {"memory", "ngram"}}
+    groups = {"inspect": {"gradients", "gates", "cells"}, "lab": {"memory", "ngram", "cold-start"}}
     for name, command in cli.commands.items():
         assert name in top.stdout
         subcommands = getattr(command, "commands", None)

@@ -73,6 +73,7 @@ def test_defaults_match_contract():
         "num_layers": 2,
         "embedding_size": 64,
         "dropout": 0.0,
+        "weight_drop": 0.0,  # version 2: "Training for quality"
     }
     contract_train = {
         "batch_size": 32,
@@ -101,8 +102,10 @@ def test_defaults_match_contract():
         "beta2": 0.999,
         "eps": 1e-8,
         "lr_min": 0.0,
+        "reset_prob": 0.0,
     }
-    assert d["train"] == {**contract_train, **extensions}
+    version2 = {"max_minutes": 0.0, "ema": 0.0, "reduce": "allreduce"}  # CONTRACT version 2
+    assert d["train"] == {**contract_train, **extensions, **version2}
     assert d["output"] == {"dir": "runs/default", "keep_last": 3}
     assert cfg == Config(
         DataConfig(path="corpus.txt"), ModelConfig(), TrainConfig(), OutputConfig()
@@ -126,6 +129,7 @@ def test_every_key_is_settable():
             "num_layers": 1,
             "embedding_size": 0,
             "dropout": 0.5,
+            "weight_drop": 0.25,
         },
         "train": {
             "batch_size": 2,
@@ -152,6 +156,10 @@ def test_every_key_is_settable():
             "beta2": 0.5,
             "eps": 1e-12,
             "lr_min": 0.5,
+            "max_minutes": 1.5,
+            "ema": 0.99,
+            "reset_prob": 0.01,
+            "reduce": "ordered",
         },
         "output": {"dir": "runs/x", "keep_last": 1},
     }

@@ -58,33 +58,33 @@ def test_finite_differences(cell: str, embedding_size: int, dropout: float) -> N
     _, dlogits = cross_entropy_(logits, y.reshape(-1))
     grads, dstate0 = model.backward(dlogits, cache, dstate)
 
-    eps = 1e-6
+    def objective() -> float:
+        return _objective(model, x, y, state, masks, dstate)
+
     for name, param in model.params.items():
-        numeric = np.zeros_like(param)
-        flat = param.reshape(-1)
-        for i in range(flat.size):
-            orig = flat[i]
-            flat[i] = orig + eps
-            up = _objective(model, x, y, state, masks, dstate)
-            flat[i] = orig - eps
-            down = _objective(model, x, y, state, masks, dstate)
-            flat[i] = orig
-            numeric.reshape(-1)[i] = (up - down) / (2 * eps)
-        np.testing.assert_allclose(grads[name], numeric, **FD_TOL, err_msg=name)
+        np.testing.assert_allclose(grads[name], central_difference(objective, param),
+                                   **FD_TOL, err_msg=name)
 
     # the gradient with respect to the initial state, which carries BPTT across windows
     for k, layer in enumerate(state):
         for j, s in enumerate(layer):
-            numeric = np.zeros_like(s)
-            for i in range(s.size):
-                orig = s.flat[i]
-                s.flat[i] = orig + eps
-                up = _objective(model, x, y, state, masks, dstate)
-                s.flat[i] = orig - eps
-                down = _objective(model, x, y, state, masks, dstate)
-                s.flat[i] = orig
-                numeric.flat[i] = (up - down) / (2 * eps)
-            np.testing.assert_allclose(dstate0[k][j], numeric, **FD_TOL)
+            np.testing.assert_allclose(dstate0[k][j], central_difference(objective, s),
+                                       **FD_TOL)
+
+
+def central_difference(objective, array: np.ndarray, eps: float = 1e-6) -> np.ndarray:
+    """d objective() / d array by central differences, `array` perturbed in place one
+    element at a time (and restored)."""
+    numeric = np.zeros_like(array)
+    for i in range(array.size):
+        orig = array.flat[i]
+        array.flat[i] = orig + eps
+        up = objective()
+        array.flat[i] = orig - eps
+        down = objective()
+        array.flat[i] = orig
+        numeric.flat[i] = (up - down) / (2 * eps)
+    return numeric
 
 
 def test_seed_worked_example() -> None:
