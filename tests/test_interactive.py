@@ -308,7 +308,7 @@ def terminal(run_dir):
     def start(*args: str) -> Terminal:
         t = Terminal("sample", "--checkpoint", str(run_dir), "--interactive", *args)
         terms.append(t)
-        t.prompt(timeout=10)  # the banner, then the first prompt
+        t.prompt(timeout=30)  # the banner, then the first prompt (slow on a loaded machine)
         return t
 
     yield start
