@@ -593,8 +593,7 @@ class Trainer:
                 for s in layer:
                     s[reset] = 0.0
         masks = self.model.dropout_masks(self.rng, t.batch_size)
-        weight_masks = (self.model.weight_drop_masks(self.rng)
-                        if self.cfg.model.weight_drop > 0 else None)
+        weight_masks = self.model.weight_drop_masks(self.rng)  # None (no draw) when off
         return x, y, masks, weight_masks
 
     def _loss_and_grads(self, x, y, masks, weight_masks):
@@ -602,8 +601,7 @@ class Trainer:
         the loss and gradients summed over every rank (charrnn.distributed)."""
         if self.dist is not None:
             return self.dist.loss_and_grads(self.model, x, y, self.state, masks, weight_masks)
-        extra = {} if weight_masks is None else {"weight_masks": weight_masks}
-        return self.model.loss_and_grads(x, y, self.state, masks, **extra)
+        return self.model.loss_and_grads(x, y, self.state, masks, weight_masks=weight_masks)
 
     def _after_update(self) -> None:
         """What follows an optimizer step: the moving average of the weights."""
