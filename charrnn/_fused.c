@@ -119,9 +119,10 @@ static inline double gate_f64(double u) { return tanh(u) * 0.5 + 0.5; }
  *
  * so that the inner loop reads one row of 16 contiguous weights per k.  A tile of MR rows of
  * `a` times one panel is summed in registers over all of K and then stored or added to c:
- * with AVX-512, MR = 8 rows of one 16-float vector; with AVX2, 6 rows of 2 x 8 floats (or
- * 3 rows of 4 x 4 doubles), 12 vector accumulators.  Panels are the outer loop: W streams
- * through the cache once per call while `a` (M x K) stays.
+ * with AVX2, 6 rows of 2 x 8 floats (or 3 rows of 4 x 4 doubles), 12 vector accumulators;
+ * with AVX-512, 8 rows times two panels side by side, 16 accumulators of 16 floats (one
+ * panel for a last odd one), K in chunks of 256 beyond 384.  Panels are the outer loop: W
+ * streams through the cache once per call while `a` (M x K) stays.
  *
  *              K                        PANEL
  *        +-----------+           +------------+
@@ -296,6 +297,87 @@ DEFINE_MICRO_Z(6)
 DEFINE_MICRO_Z(7)
 DEFINE_MICRO_Z(8)
 
+/* The same for two adjacent panels at once, 1..8 rows of 2 x 16 floats: 16 accumulators, so
+ * that two FMA ports of 4 cycles' latency always have independent work (8 chains alone
+ * leave no slack), and each broadcast of a[r, k] serves 32 columns.  The first panel is
+ * whole; the second has nr columns.
+ *
+ * A long K goes in chunks (gemm_avx512_float), so that the two panels' part for a chunk
+ * stays in the L1 cache while every row tile of the block passes it.  Between chunks a
+ * tile's running sums wait in `tmp` (first: they start at zero; last: they go to c).  So
+ * every element still sums its K products in order in one chain of FMAs, then adds c with
+ * `accumulate`: the results are micro_z_*'s bit for bit. */
+#define Z2_PREFETCH 16 /* rows of the panels ahead, asked for early: 3-7% on this Xeon */
+#define Z2_ROW_FMA(r)                                                                       \
+    if (rows > r) {                                                                         \
+        __m512 ar = _mm512_set1_ps(a[r * lda + k]);                                         \
+        z##r = _mm512_fmadd_ps(ar, b0, z##r);                                               \
+        w##r = _mm512_fmadd_ps(ar, b1, w##r);                                               \
+    }
+#define Z2_ROW_LOAD(r)                                                                      \
+    if (rows > r) {                                                                         \
+        z##r = _mm512_loadu_ps(tmp + r * 2 * PANEL);                                        \
+        w##r = _mm512_loadu_ps(tmp + r * 2 * PANEL + PANEL);                                \
+    }
+#define Z2_ROW_STORE(r)                                                                     \
+    if (rows > r) {                                                                         \
+        if (!last) {                                                                        \
+            _mm512_storeu_ps(tmp + r * 2 * PANEL, z##r);                                    \
+            _mm512_storeu_ps(tmp + r * 2 * PANEL + PANEL, w##r);                            \
+        } else {                                                                            \
+            float *cr = c + r * ldc;                                                        \
+            if (accumulate) {                                                               \
+                z##r = _mm512_add_ps(_mm512_loadu_ps(cr), z##r);                            \
+                w##r = _mm512_add_ps(_mm512_maskz_loadu_ps(mask, cr + PANEL), w##r);        \
+            }                                                                               \
+            _mm512_storeu_ps(cr, z##r);                                                     \
+            _mm512_mask_storeu_ps(cr + PANEL, mask, w##r);                                  \
+        }                                                                                   \
+    }
+#define DEFINE_MICRO_Z2(ROWS)                                                               \
+    AVX512 static void micro_z2_##ROWS(Py_ssize_t Kc, const float *restrict a,              \
+                                       Py_ssize_t lda, const float *restrict p,             \
+                                       const float *restrict q, float *restrict c,          \
+                                       Py_ssize_t ldc, Py_ssize_t nr, int accumulate,       \
+                                       float *restrict tmp, int first, int last)            \
+    {                                                                                       \
+        const int rows = ROWS;                                                              \
+        const __mmask16 mask = (__mmask16)((1u << nr) - 1u);                               \
+        __m512 z0 = _mm512_setzero_ps(), z1 = z0, z2 = z0, z3 = z0, z4 = z0, z5 = z0;       \
+        __m512 z6 = z0, z7 = z0, w0 = z0, w1 = z0, w2 = z0, w3 = z0, w4 = z0, w5 = z0;      \
+        __m512 w6 = z0, w7 = z0;                                                            \
+        if (!first) {                                                                       \
+            Z2_ROW_LOAD(0) Z2_ROW_LOAD(1) Z2_ROW_LOAD(2) Z2_ROW_LOAD(3)                     \
+            Z2_ROW_LOAD(4) Z2_ROW_LOAD(5) Z2_ROW_LOAD(6) Z2_ROW_LOAD(7)                     \
+        }                                                                                   \
+        for (int r = 0; last && accumulate && r < rows; r++) /* c's tile, in cache soon */  \
+            _mm_prefetch((const char *)(c + r * ldc), _MM_HINT_T0);                         \
+        for (Py_ssize_t k = 0; k < Kc; k++) {                                               \
+            _mm_prefetch((const char *)(p + (k + Z2_PREFETCH) * PANEL), _MM_HINT_T0);       \
+            _mm_prefetch((const char *)(q + (k + Z2_PREFETCH) * PANEL), _MM_HINT_T0);       \
+            __m512 b0 = _mm512_loadu_ps(p + k * PANEL);                                     \
+            __m512 b1 = _mm512_loadu_ps(q + k * PANEL);                                     \
+            Z2_ROW_FMA(0) Z2_ROW_FMA(1) Z2_ROW_FMA(2) Z2_ROW_FMA(3)                         \
+            Z2_ROW_FMA(4) Z2_ROW_FMA(5) Z2_ROW_FMA(6) Z2_ROW_FMA(7)                         \
+        }                                                                                   \
+        Z2_ROW_STORE(0) Z2_ROW_STORE(1) Z2_ROW_STORE(2) Z2_ROW_STORE(3)                     \
+        Z2_ROW_STORE(4) Z2_ROW_STORE(5) Z2_ROW_STORE(6) Z2_ROW_STORE(7)                     \
+    }
+DEFINE_MICRO_Z2(1)
+DEFINE_MICRO_Z2(2)
+DEFINE_MICRO_Z2(3)
+DEFINE_MICRO_Z2(4)
+DEFINE_MICRO_Z2(5)
+DEFINE_MICRO_Z2(6)
+DEFINE_MICRO_Z2(7)
+DEFINE_MICRO_Z2(8)
+typedef void (*micro_z2_fn)(Py_ssize_t, const float *, Py_ssize_t, const float *,
+                            const float *, float *, Py_ssize_t, Py_ssize_t, int, float *, int,
+                            int);
+static const micro_z2_fn MICRO_Z2[9] = {NULL,       micro_z2_1, micro_z2_2, micro_z2_3,
+                                        micro_z2_4, micro_z2_5, micro_z2_6, micro_z2_7,
+                                        micro_z2_8};
+
 typedef void (*micro_f32_fn)(Py_ssize_t, const float *, const float *, float *, Py_ssize_t,
                              Py_ssize_t, int);
 typedef void (*micro_f64_fn)(Py_ssize_t, const double *, const double *, double *,
@@ -328,7 +410,48 @@ static const micro_f32_fn MICRO_Z[9] = {NULL,      micro_z_1, micro_z_2, micro_z
             }                                                                               \
         }                                                                                   \
     }
-DEFINE_GEMM_TILES(avx512_float, float, 8, MICRO_Z)
+
+/* AVX-512: two panels (32 columns) per tile while two remain, then one.  A K over KC_MAX
+ * goes in chunks of KC (see micro_z2_*): for lstm-512's K = 512, a panel pair is 64 KB, more
+ * than an L1 cache, and re-reading it from L2 for every row tile costs a fifth of the speed. */
+#define KC 256
+#define KC_MAX 384
+#define Z2_TILE_ROWS (BLOCK_BYTES / ((KC_MAX + 1) * 4) + 8) /* a block's rows, K > KC_MAX */
+AVX512 static void gemm_avx512_float(Py_ssize_t M, Py_ssize_t N, Py_ssize_t K, const float *a,
+                                     const float *packed, float *c, int accumulate)
+{
+    const Py_ssize_t MR = 8;
+    const Py_ssize_t kc = K > KC_MAX ? KC : (K > 0 ? K : 1);
+    float tmp[Z2_TILE_ROWS * 2 * PANEL]; /* the running sums of a block's rows, 32 columns */
+    Py_ssize_t block = BLOCK_BYTES / ((K > 0 ? K : 1) * (Py_ssize_t)sizeof(float));
+    block = block < MR ? MR : block - block % MR;
+    for (Py_ssize_t i0 = 0; i0 < M; i0 += block) {
+        Py_ssize_t i1 = M - i0 < block ? M : i0 + block;
+        for (Py_ssize_t j0 = 0; j0 < N;) {
+            const float *p = packed + (j0 / PANEL) * K * PANEL;
+            if (N - j0 <= PANEL) { /* the last panel alone */
+                for (Py_ssize_t i = i0; i < i1; i += MR) {
+                    Py_ssize_t mr = i1 - i < MR ? i1 - i : MR;
+                    MICRO_Z[mr](K, a + i * K, p, c + i * N + j0, N, N - j0, accumulate);
+                }
+                break;
+            }
+            Py_ssize_t nr = N - j0 - PANEL < PANEL ? N - j0 - PANEL : PANEL;
+            const float *q = p + K * PANEL;
+            for (Py_ssize_t k0 = 0; k0 < K || k0 == 0; k0 += kc) {
+                Py_ssize_t klen = K - k0 < kc ? K - k0 : kc;
+                int first = k0 == 0, last = k0 + klen >= K;
+                for (Py_ssize_t i = i0; i < i1; i += MR) {
+                    Py_ssize_t mr = i1 - i < MR ? i1 - i : MR;
+                    MICRO_Z2[mr](klen, a + i * K + k0, K, p + k0 * PANEL, q + k0 * PANEL,
+                                 c + i * N + j0, N, nr, accumulate, tmp + (i - i0) * 2 * PANEL,
+                                 first, last);
+                }
+            }
+            j0 += 2 * PANEL;
+        }
+    }
+}
 DEFINE_GEMM_TILES(avx2_float, float, 6, MICRO_F32)
 DEFINE_GEMM_TILES(avx2_double, double, 3, MICRO_F64)
 #endif /* HAVE_AVX2_GEMM */

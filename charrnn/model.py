@@ -556,21 +556,29 @@ class Stepper:
         fused.gemm(x, packed, out, False)
         return out
 
+    def groups(self, streams: int) -> list[slice]:
+        """How a step of `streams` streams is split over threads: one group below
+        PARALLEL_FLOPS, else one per thread (charrnn.parallel.stream_groups)."""
+        if streams * self.flops >= PARALLEL_FLOPS:
+            return stream_groups(streams)
+        return [slice(0, streams)]
+
     def step(self, ids: np.ndarray, state: list[State]) -> tuple[np.ndarray, list[State]]:
         """ids (B,) -> logits (B, V), next state (new arrays; `state` is not modified).
 
         A step of many streams (PARALLEL_FLOPS or more) is split into groups of streams on
         separate threads, as in training (charrnn.parallel)."""
         B = len(ids)
-        groups = stream_groups(B) if B * self.flops >= PARALLEL_FLOPS else [slice(0, B)]
+        groups = self.groups(B)
         if len(groups) == 1:
-            return self._step(ids, state)
+            return self.step_here(ids, state)
         results = run_groups(
-            lambda g: self._step(ids[groups[g]], columns(state, groups[g])), len(groups)
+            lambda g: self.step_here(ids[groups[g]], columns(state, groups[g])), len(groups)
         )
         return np.concatenate([r[0] for r in results]), concatenate([r[1] for r in results])
 
-    def _step(self, ids: np.ndarray, state: list[State]) -> tuple[np.ndarray, list[State]]:
+    def step_here(self, ids: np.ndarray, state: list[State]) -> tuple[np.ndarray, list[State]]:
+        """`step` on the calling thread, the streams not split."""
         H = self.H
         new_state: list[State] = []
         inp = None

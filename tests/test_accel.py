@@ -129,6 +129,34 @@ def test_gemm_matches_numpy(gemm, dtype):
 
 
 @needs_ext
+def test_fma_gemms_agree_bit_for_bit():
+    """The AVX-512 GEMM (tiles of two panels, a long K in chunks whose running sums wait in
+    memory) against the AVX2 one (one panel, all of K at once): the same chain of FMAs for
+    every element, so the same float32 results. Shapes cover a lone last panel, a partial
+    second one, K at and past the chunk limit, and several row blocks."""
+    if not {"avx512", "avx2+fma"} <= set(_fused.gemm_variants()):
+        pytest.skip("needs a CPU with AVX-512 and AVX2")
+    rng = np.random.default_rng(4)
+    before = _fused.gemm_name()
+    try:
+        for M, N, K in [(1, 33, 512), (7, 48, 385), (8, 65, 384), (16, 2048, 512),
+                        (31, 1536, 700), (300, 80, 512), (9, 17, 1000), (130, 2048, 256)]:
+            a = rng.standard_normal((M, K)).astype(np.float32)
+            packed = pack_panels(rng.standard_normal((N, K)).astype(np.float32))
+            c0 = rng.standard_normal((M, N)).astype(np.float32)
+            for accumulate in (False, True):
+                results = []
+                for name in ("avx512", "avx2+fma"):
+                    _fused.set_gemm(name)
+                    c = c0.copy()
+                    _fused.gemm(a, packed, c, accumulate)
+                    results.append(c)
+                np.testing.assert_array_equal(*results, err_msg=f"M={M} N={N} K={K}")
+    finally:
+        _fused.set_gemm(before)
+
+
+@needs_ext
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("cell", sorted(CELLS))
 def test_forward_matches_numpy(cell, dtype, gemm, variant, monkeypatch):

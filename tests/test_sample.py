@@ -287,6 +287,40 @@ def test_unknown_seed_characters(model) -> None:
                                   [VOCAB.stoi["a"], VOCAB.stoi["b"]])
 
 
+@pytest.mark.parametrize("how", [(1.0, 0, 1.0), (0.7, 5, 1.0), (1.3, 0, 0.8), (0.0, 0, 1.0)])
+@pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
+def test_generation_in_groups_equals_one_group(cell, how, both_paths, monkeypatch) -> None:
+    """A batch big enough for threads: each thread's group of streams makes GROUP_STEPS
+    steps on its own between hand-offs, with the uniform numbers drawn ahead for all. The
+    characters are the one-group loop's bit for bit, at every chunk boundary, and the
+    generator ends in the same state."""
+    import charrnn.model
+
+    shape = ModelShape(cell, V, hidden_size=20, num_layers=2, embedding_size=5)
+    m = CharRNN.create(shape, seed=2)
+    rng = np.random.default_rng(3)
+    for p in m.params.values():
+        p += (0.4 * rng.standard_normal(p.shape)).astype(p.dtype)
+    monkeypatch.setattr(sample_mod, "GROUP_STEPS", 16)  # 75 steps: 4 chunks and a part
+    monkeypatch.setenv("CHARRNN_THREADS", "2")
+    temperature, top_k, top_p = how
+
+    def run(split: bool) -> tuple[np.ndarray, float]:
+        monkeypatch.setattr(charrnn.model, "PARALLEL_FLOPS", 0 if split else float("inf"))
+        assert len(m.stepper().groups(6)) == (2 if split else 1)
+        gen = np.random.default_rng(7)
+        ids = list(generate(m, np.array([1, 2, 3]), 75, temperature=temperature, top_k=top_k,
+                            top_p=top_p, num_samples=6, rng=gen))
+        return np.stack(ids), gen.random()
+
+    grouped, after_grouped = run(True)
+    serial, after_serial = run(False)
+    assert grouped.shape == (75, 6)
+    np.testing.assert_array_equal(grouped, serial)
+    assert after_grouped == after_serial
+    assert len(np.unique(grouped[:, 0])) > 1  # a real sample, not one repeated character
+
+
 @pytest.mark.parametrize("streams, split", [(1, False), (3, False), (3, True)])
 @pytest.mark.parametrize("dtype, tol", [("float64", 1e-12), ("float32", 2e-5)])
 @pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
