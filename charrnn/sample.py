@@ -100,7 +100,7 @@ def generate(
         ids = draw(logits, rng, temperature, top_k, top_p)  # (B,)
         yield ids
         if n + 1 < length:
-            logits, state = stepper.step(ids, state)
+            logits, state = stepper.step_here(ids, state)  # one group: no split to decide
 
 
 GROUP_STEPS = 32  # steps each group of streams makes between two hand-offs
