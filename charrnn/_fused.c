@@ -288,14 +288,9 @@ DEFINE_MICRO_F64(3)
         Z_ROW_STORE(0) Z_ROW_STORE(1) Z_ROW_STORE(2) Z_ROW_STORE(3)                         \
         Z_ROW_STORE(4) Z_ROW_STORE(5) Z_ROW_STORE(6) Z_ROW_STORE(7)                         \
     }
-DEFINE_MICRO_Z(1)
-DEFINE_MICRO_Z(2)
-DEFINE_MICRO_Z(3)
-DEFINE_MICRO_Z(4)
-DEFINE_MICRO_Z(5)
-DEFINE_MICRO_Z(6)
-DEFINE_MICRO_Z(7)
-DEFINE_MICRO_Z(8)
+/* one kernel per tile height, 1..8 rows (the AVX-512 GEMMs' MR) */
+#define FOR_ROWS_1_TO_8(M) M(1) M(2) M(3) M(4) M(5) M(6) M(7) M(8)
+FOR_ROWS_1_TO_8(DEFINE_MICRO_Z)
 
 /* The same for two adjacent panels at once, 1..8 rows of 2 x 16 floats: 16 accumulators, so
  * that two FMA ports of 4 cycles' latency always have independent work (8 chains alone
@@ -363,14 +358,7 @@ DEFINE_MICRO_Z(8)
         Z2_ROW_STORE(0) Z2_ROW_STORE(1) Z2_ROW_STORE(2) Z2_ROW_STORE(3)                     \
         Z2_ROW_STORE(4) Z2_ROW_STORE(5) Z2_ROW_STORE(6) Z2_ROW_STORE(7)                     \
     }
-DEFINE_MICRO_Z2(1)
-DEFINE_MICRO_Z2(2)
-DEFINE_MICRO_Z2(3)
-DEFINE_MICRO_Z2(4)
-DEFINE_MICRO_Z2(5)
-DEFINE_MICRO_Z2(6)
-DEFINE_MICRO_Z2(7)
-DEFINE_MICRO_Z2(8)
+FOR_ROWS_1_TO_8(DEFINE_MICRO_Z2)
 typedef void (*micro_z2_fn)(Py_ssize_t, const float *, Py_ssize_t, const float *,
                             const float *, float *, Py_ssize_t, Py_ssize_t, int, float *, int,
                             int);

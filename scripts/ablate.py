@@ -129,10 +129,10 @@ def main() -> int:
             budget = (["train.max_minutes=0", f"train.max_steps={args.steps}"] if args.steps
                       else [f"train.max_minutes={args.minutes:g}"])
             sets = [*budget, f"output.dir={out / slug(name)}", *ABLATIONS[name]]
+            launch = []
             if args.mpi > 1:
+                launch = ["mpiexec", "-n", str(args.mpi), "-genv", "CHARRNN_THREADS", "1"]
                 sets.append("train.reduce=ordered")
-            launch = (["mpiexec", "-n", str(args.mpi), "-genv", "CHARRNN_THREADS", "1"]
-                      if args.mpi > 1 else [])
             cmd = [*launch, sys.executable, "-m", "charrnn.cli", "train", "--config",
                    args.config, "--overwrite", "--no-progress"]
             for s in sets:
