@@ -80,6 +80,7 @@ class TrainConfig:
     max_minutes: float = 0.0  # wall-clock budget; the schedule spans the steps that fit
     ema: float = 0.0  # decay of the weights' moving average (0: off); evaluation uses it
     reset_prob: float = 0.0  # extension: chance a stream's carried state is zeroed per window
+    random_offset: bool = False  # extension: each epoch after the first starts at a random point
     reduce: Literal["allreduce", "ordered"] = "allreduce"  # MPI: how gradients are summed
 
 

@@ -31,6 +31,7 @@ from charrnn.vocab import UNKNOWN_MODES, Vocab, describe_unknown
 log = logging.getLogger(__name__)
 
 CHUNK_CHARS = 1 << 20
+_OFFSET_TAG = 0x0FF5E7  # keeps the epoch-offset draws apart from other uses of the seed
 _CACHE_FORMAT = 1  # bump when the cache layout changes
 
 
@@ -327,6 +328,11 @@ def load_text_ids(
 # An epoch has (L - 1) // T windows; a ragged tail shorter than T is dropped. Each row is
 # one continuous text, so the hidden state of row b carries over from window k to k+1.
 # x and y are handed out time-major, (T, B).
+#
+# With a random offset (train.random_offset), epoch e > 0 reads the same rows from a point
+# o_e of the training text, drawn from (seed, e): row b starts at (o_e + b L) mod N and
+# wraps past the end. The rows then hold other text side by side, and the cuts between
+# windows, where truncated BPTT stops the gradient, move by o_e mod T. Epoch 0 is o = 0.
 
 
 def batchify(ids: np.ndarray, batch_size: int) -> np.ndarray:
@@ -344,17 +350,24 @@ class WindowStream:
 
     def __init__(
         self, ids: np.ndarray, batch_size: int, seq_length: int, name: str = "the training split",
-        columns: slice | None = None,
+        columns: slice | None = None, offset_seed: int | None = None,
     ) -> None:
         """`columns`: hand out only these streams of the batch (an MPI rank's block, see
-        charrnn.distributed); the windows and the position are the whole batch's."""
+        charrnn.distributed); the windows and the position are the whole batch's.
+        `offset_seed`: start each epoch after the first at a random offset of `ids` drawn
+        from (offset_seed, epoch), the same on every rank (see the diagram above)."""
         if batch_size < 1 or seq_length < 1:
             raise ValueError("batch_size and seq_length must be positive")
         self.batch_size = batch_size
         self.seq_length = seq_length
+        self.ids = ids
+        self.offset_seed = offset_seed
         self.rows = batchify(ids, batch_size)  # (B, L)
+        # first id of each of this stream's rows at offset 0
+        self.row_starts = np.arange(batch_size, dtype=np.int64) * self.rows.shape[1]  # (B,)
         if columns is not None:
             self.rows = self.rows[columns]  # (B_rank, L)
+            self.row_starts = self.row_starts[columns]  # (B_rank,)
         self.num_windows = (self.rows.shape[1] - 1) // seq_length
         if self.num_windows < 1:
             need = batch_size * (seq_length + 1)
@@ -368,9 +381,23 @@ class WindowStream:
     def __len__(self) -> int:
         return self.num_windows
 
+    def epoch_offset(self, epoch: int) -> int:
+        """Where epoch `epoch` starts reading the text: 0 without an offset seed, and
+        for epoch 0."""
+        if self.offset_seed is None or epoch == 0:
+            return 0
+        rng = np.random.default_rng([self.offset_seed, epoch, _OFFSET_TAG])
+        return int(rng.integers(len(self.ids)))
+
     def window(self, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Window k of an epoch: inputs x and targets y, each (T, B) int64."""
+        """Window k of the current epoch: inputs x and targets y, each (T, B) int64."""
         s = k * self.seq_length
+        offset = self.epoch_offset(self.epoch)
+        if offset:
+            t = np.arange(s, s + self.seq_length + 1)  # (T+1,)
+            at = (offset + self.row_starts[None, :] + t[:, None]) % len(self.ids)  # (T+1, B)
+            xy = self.ids[at].astype(np.int64)  # (T+1, B)
+            return np.ascontiguousarray(xy[:-1]), np.ascontiguousarray(xy[1:])
         x = np.ascontiguousarray(self.rows[:, s : s + self.seq_length].T, dtype=np.int64)
         y = np.ascontiguousarray(self.rows[:, s + 1 : s + self.seq_length + 1].T, dtype=np.int64)
         return x, y  # (T, B), (T, B)

@@ -304,7 +304,8 @@ class Trainer:
         self.vocab = self.corpus.vocab
         self.stream = WindowStream(self.corpus.train, t.batch_size, t.seq_length,
                                    name=f"{cfg.data.path}: the training split",
-                                   columns=None if self.dist is None else self.dist.cols)
+                                   columns=None if self.dist is None else self.dist.cols,
+                                   offset_seed=t.seed if t.random_offset else None)
         shape = model_shape(cfg, self.vocab.size)
         self.model = CharRNN.create(shape, seed=t.seed, dtype=t.dtype)
         self.optimizer = Optimizer(

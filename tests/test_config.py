@@ -103,6 +103,7 @@ def test_defaults_match_contract():
         "eps": 1e-8,
         "lr_min": 0.0,
         "reset_prob": 0.0,
+        "random_offset": False,
     }
     version2 = {"max_minutes": 0.0, "ema": 0.0, "reduce": "allreduce"}  # CONTRACT version 2
     assert d["train"] == {**contract_train, **extensions, **version2}
@@ -159,6 +160,7 @@ def test_every_key_is_settable():
             "max_minutes": 1.5,
             "ema": 0.99,
             "reset_prob": 0.01,
+            "random_offset": True,
             "reduce": "ordered",
         },
         "output": {"dir": "runs/x", "keep_last": 1},

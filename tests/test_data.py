@@ -319,6 +319,54 @@ def test_state_dict_resumes_on_the_next_window() -> None:
     assert resumed.state_dict() == straight.state_dict()
 
 
+def test_random_offset_reads_each_epoch_from_its_own_point() -> None:
+    """Epoch 0 is the plain layout; epoch e > 0 is the plain layout of the text rotated to
+    start at its offset (np.roll, an independent computation), drawn from (seed, epoch)."""
+    ids = np.arange(1003, dtype=np.int64)  # every id unique: a window says where it read
+    B, T = 5, 7
+    plain = WindowStream(ids, B, T)
+    stream = WindowStream(ids, B, T, offset_seed=3)
+    n = len(stream)
+    for _ in range(n):
+        (x0, y0, _), (x, y, _) = plain.next_window(), stream.next_window()
+        np.testing.assert_array_equal(x, x0)
+        np.testing.assert_array_equal(y, y0)
+    offsets = [stream.epoch_offset(e) for e in range(1, 9)]
+    assert all(0 <= o < len(ids) for o in offsets) and len(set(offsets)) == len(offsets)
+    assert offsets == [WindowStream(ids, B, T, offset_seed=3).epoch_offset(e) for e in range(1, 9)]
+    assert offsets != [WindowStream(ids, B, T, offset_seed=4).epoch_offset(e) for e in range(1, 9)]
+    assert stream.epoch_offset(0) == plain.epoch_offset(5) == 0
+    for epoch in range(1, 4):
+        rows = batchify(np.roll(ids, -stream.epoch_offset(epoch)), B)  # (B, L)
+        for k in range(n):
+            x, y, new_epoch = stream.next_window()
+            assert new_epoch == (k == 0) and stream.epoch == epoch + (k == n - 1)
+            assert x.dtype == y.dtype == np.int64 and x.flags.c_contiguous
+            np.testing.assert_array_equal(x, rows[:, k * T : k * T + T].T)
+            np.testing.assert_array_equal(y, rows[:, k * T + 1 : k * T + T + 1].T)
+
+
+def test_random_offset_resumes_and_splits_by_columns() -> None:
+    ids = np.random.default_rng(0).integers(0, 50, size=500).astype(np.uint8)
+    straight = WindowStream(ids, 4, 7, offset_seed=11)
+    expected = [straight.next_window() for _ in range(60)]  # 17 windows an epoch
+    first = WindowStream(ids, 4, 7, offset_seed=11)
+    for _ in range(40):
+        first.next_window()
+    resumed = WindowStream(ids, 4, 7, offset_seed=11)
+    resumed.load_state_dict(dict(first.state_dict()))
+    half = WindowStream(ids, 4, 7, offset_seed=11, columns=slice(2, 4))  # an MPI rank's block
+    half.load_state_dict(dict(first.state_dict()))
+    for x, y, flag in expected[40:]:
+        rx, ry, rflag = resumed.next_window()
+        np.testing.assert_array_equal(rx, x)
+        np.testing.assert_array_equal(ry, y)
+        assert rflag == flag
+        hx, hy, _ = half.next_window()
+        np.testing.assert_array_equal(hx, x[:, 2:4])
+        np.testing.assert_array_equal(hy, y[:, 2:4])
+
+
 def test_load_state_dict_refuses_a_different_layout() -> None:
     ids = np.arange(500) % 7
     state = WindowStream(ids, 3, 7).state_dict()

@@ -47,11 +47,13 @@ MODEL = {"cell": "lstm", "hidden_size": 16, "num_layers": 2, "embedding_size": 8
          "dropout": 0.2}
 TRAIN = {"reduce": "ordered", "max_steps": 20, "eval_every": 10, "log_every": 5}
 # per cell: dropout everywhere; rnn on one-hot input; gru with every random draw the
-# trainer makes (state resets, weight drop) and the moving average
+# trainer makes (state resets, weight drop), the moving average, and a random offset per
+# epoch (64 streams: an epoch of this corpus is 13 windows, so 20 steps cross one)
 CELLS = {
     "rnn": ({"cell": "rnn", "embedding_size": 0}, {}),
     "lstm": ({}, {}),
-    "gru": ({"cell": "gru", "weight_drop": 0.3}, {"reset_prob": 0.2, "ema": 0.9}),
+    "gru": ({"cell": "gru", "weight_drop": 0.3},
+            {"reset_prob": 0.2, "ema": 0.9, "random_offset": True, "batch_size": 64}),
 }
 
 

@@ -78,13 +78,15 @@ def test_ema_is_the_average_of_the_raw_trajectory(tiny_config) -> None:
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
 def test_resume_is_bit_exact_with_ema_weight_drop_and_resets(tiny_config, monkeypatch,
                                                              cell) -> None:
-    N = 24
+    """Every random draw on, and a random offset per epoch: an epoch here is 26 windows of
+    32 x 16, so the run crosses two epochs and is interrupted in the second."""
+    N = 60
     sections = dict(
         model={"cell": cell, "num_layers": 2, "hidden_size": 12, "dropout": 0.2,
                "weight_drop": 0.3},
         train={"max_steps": N, "lr_schedule": "cosine", "warmup_steps": 3, "ema": 0.9,
-               "reset_prob": 0.2, "eval_every": 6, "log_every": 3, "batch_size": 8,
-               "seq_length": 20},
+               "reset_prob": 0.2, "eval_every": 15, "log_every": 3, "batch_size": 32,
+               "seq_length": 16, "random_offset": True},
         output={"keep_last": 5},
     )
     straight = train(tiny_config(run="straight", **sections), **QUIET)
