@@ -362,6 +362,7 @@ class WindowStream:
         self.seq_length = seq_length
         self.ids = ids
         self.offset_seed = offset_seed
+        self._offset = (0, 0)  # (epoch, its offset): drawn once an epoch, not every window
         self.rows = batchify(ids, batch_size)  # (B, L)
         # first id of each of this stream's rows at offset 0
         self.row_starts = np.arange(batch_size, dtype=np.int64) * self.rows.shape[1]  # (B,)
@@ -392,7 +393,9 @@ class WindowStream:
     def window(self, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Window k of the current epoch: inputs x and targets y, each (T, B) int64."""
         s = k * self.seq_length
-        offset = self.epoch_offset(self.epoch)
+        if self._offset[0] != self.epoch:
+            self._offset = (self.epoch, self.epoch_offset(self.epoch))
+        offset = self._offset[1]
         if offset:
             t = np.arange(s, s + self.seq_length + 1)  # (T+1,)
             at = (offset + self.row_starts[None, :] + t[:, None]) % len(self.ids)  # (T+1, B)

@@ -302,14 +302,15 @@ def test_window_stream_reads_a_memmap(tmp_path) -> None:
     assert not isinstance(x, np.memmap)
 
 
-def test_state_dict_resumes_on_the_next_window() -> None:
+@pytest.mark.parametrize("offset_seed", [None, 11])  # 11: a random offset per epoch
+def test_state_dict_resumes_on_the_next_window(offset_seed: int | None) -> None:
     ids = np.random.default_rng(0).integers(0, 50, size=500).astype(np.uint8)
-    straight = WindowStream(ids, 3, 7)
-    expected = [straight.next_window() for _ in range(60)]
-    first = WindowStream(ids, 3, 7)
+    straight = WindowStream(ids, 3, 7, offset_seed=offset_seed)
+    expected = [straight.next_window() for _ in range(60)]  # 23 windows an epoch
+    first = WindowStream(ids, 3, 7, offset_seed=offset_seed)
     for _ in range(37):
         first.next_window()
-    resumed = WindowStream(ids, 3, 7)
+    resumed = WindowStream(ids, 3, 7, offset_seed=offset_seed)
     resumed.load_state_dict(dict(first.state_dict()))
     for x, y, flag in expected[37:]:
         rx, ry, rflag = resumed.next_window()
@@ -346,25 +347,16 @@ def test_random_offset_reads_each_epoch_from_its_own_point() -> None:
             np.testing.assert_array_equal(y, rows[:, k * T + 1 : k * T + T + 1].T)
 
 
-def test_random_offset_resumes_and_splits_by_columns() -> None:
+def test_random_offset_splits_by_columns() -> None:
+    """An MPI rank's block of streams reads its columns of the whole batch's windows."""
     ids = np.random.default_rng(0).integers(0, 50, size=500).astype(np.uint8)
-    straight = WindowStream(ids, 4, 7, offset_seed=11)
-    expected = [straight.next_window() for _ in range(60)]  # 17 windows an epoch
-    first = WindowStream(ids, 4, 7, offset_seed=11)
-    for _ in range(40):
-        first.next_window()
-    resumed = WindowStream(ids, 4, 7, offset_seed=11)
-    resumed.load_state_dict(dict(first.state_dict()))
-    half = WindowStream(ids, 4, 7, offset_seed=11, columns=slice(2, 4))  # an MPI rank's block
-    half.load_state_dict(dict(first.state_dict()))
-    for x, y, flag in expected[40:]:
-        rx, ry, rflag = resumed.next_window()
-        np.testing.assert_array_equal(rx, x)
-        np.testing.assert_array_equal(ry, y)
-        assert rflag == flag
-        hx, hy, _ = half.next_window()
+    whole = WindowStream(ids, 4, 7, offset_seed=11)
+    half = WindowStream(ids, 4, 7, offset_seed=11, columns=slice(2, 4))
+    for _ in range(60):  # 17 windows an epoch
+        (x, y, flag), (hx, hy, hflag) = whole.next_window(), half.next_window()
         np.testing.assert_array_equal(hx, x[:, 2:4])
         np.testing.assert_array_equal(hy, y[:, 2:4])
+        assert hflag == flag
 
 
 def test_load_state_dict_refuses_a_different_layout() -> None:
