@@ -69,7 +69,7 @@ class Checkpoint:
 def model_shape(cfg: Config, vocab_size: int) -> ModelShape:
     m = cfg.model
     return ModelShape(m.cell, vocab_size, m.hidden_size, m.num_layers, m.embedding_size,
-                      m.dropout, m.weight_drop)
+                      m.dropout, m.weight_drop, m.input_dropout)
 
 
 # -- the checksum -------------------------------------------------------------------------

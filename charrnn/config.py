@@ -49,6 +49,7 @@ class ModelConfig:
     embedding_size: int = 64  # 0 means one-hot input
     dropout: float = 0.0
     weight_drop: float = 0.0  # DropConnect on weight_hh, one mask per window
+    input_dropout: float = 0.0  # extension: locked dropout on the embedded characters
 
 
 @dataclass
@@ -114,6 +115,7 @@ BOUNDS: dict[str, tuple[tuple[str, float], ...]] = {
     "model.embedding_size": ((">=", 0),),
     "model.dropout": _UNIT,
     "model.weight_drop": _UNIT,
+    "model.input_dropout": _UNIT,
     "train.batch_size": ((">=", 1),),
     "train.seq_length": ((">=", 1),),
     "train.max_steps": ((">=", 1),),
@@ -254,6 +256,11 @@ def config_from_dict(d: Mapping, source: str = "<config>") -> Config:
         raise ConfigError(
             f"{source}: data.val_fraction + data.test_fraction must be < 1, "
             f"got {data.val_fraction} + {data.test_fraction}"
+        )
+    if cfg.model.input_dropout > 0 and cfg.model.embedding_size == 0:
+        raise ConfigError(
+            f"{source}: model.input_dropout needs an embedding (model.embedding_size > 0), "
+            f"got {cfg.model.input_dropout} with one-hot input"
         )
     if train.lr_min > train.learning_rate:
         raise ConfigError(

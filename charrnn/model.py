@@ -54,6 +54,7 @@ class ModelShape:
     embedding_size: int
     dropout: float = 0.0
     weight_drop: float = 0.0  # DropConnect on weight_hh in training, one mask per window
+    input_dropout: float = 0.0  # locked dropout on the embedded characters, one mask per window
 
 
 def param_shapes(shape: ModelShape) -> dict[str, tuple[int, ...]]:
@@ -154,6 +155,11 @@ def scatter_add_rows(ids: np.ndarray, rows: np.ndarray, num: int) -> np.ndarray:
     return out
 
 
+def _input_mask(masks: list[np.ndarray] | None, num_layers: int) -> np.ndarray | None:
+    """The (B, E) input-dropout mask that `CharRNN.dropout_masks` puts after the layers'."""
+    return masks[num_layers] if masks is not None and len(masks) > num_layers else None
+
+
 def apply_weight_masks_(grads: Params, weight_masks: list[np.ndarray] | None) -> None:
     """weight_hh gradients of W_hh * M (weight drop) to those of the raw W_hh: times M, once
     for all the groups (and ranks) summed."""
@@ -210,13 +216,24 @@ class CharRNN:
         ]
 
     def dropout_masks(self, rng: np.random.Generator, batch_size: int) -> list[np.ndarray] | None:
-        """One inverted-dropout mask per layer output (B, H), shared by every step of a window."""
-        p = self.shape.dropout
-        if p <= 0:
+        """One inverted-dropout mask per layer output (B, H), shared by every step of a window,
+        then, when shape.input_dropout is on, one (B, E) for the embedded characters that
+        layer 0 reads. None when both are off. The layer masks are drawn first, so a run
+        without input dropout draws exactly what it did before the option existed; with
+        input dropout but no layer dropout the layer masks are ones (exact)."""
+        p, p_in = self.shape.dropout, self.shape.input_dropout
+        if p <= 0 and p_in <= 0:
             return None
-        H = self.shape.hidden_size
-        keep = [rng.random((batch_size, H)) >= p for _ in range(self.shape.num_layers)]
-        return [(k / (1.0 - p)).astype(self.dtype) for k in keep]
+        H, L = self.shape.hidden_size, self.shape.num_layers
+        if p > 0:
+            keep = [rng.random((batch_size, H)) >= p for _ in range(L)]
+            masks = [(k / (1.0 - p)).astype(self.dtype) for k in keep]
+        else:
+            masks = [np.ones((batch_size, H), self.dtype) for _ in range(L)]
+        if p_in > 0:
+            keep_in = rng.random((batch_size, self.shape.embedding_size)) >= p_in  # (B, E)
+            masks.append((keep_in / (1.0 - p_in)).astype(self.dtype))
+        return masks
 
     def weight_drop_masks(self, rng: np.random.Generator) -> list[np.ndarray] | None:
         """One DropConnect mask per layer for weight_hh (G*H, H), shared by every stream, thread
@@ -362,11 +379,18 @@ class CharRNN:
         p, L = self.params, self.shape.num_layers
         inputs, caches, new_state = [], [], []
         inp = None  # layer 0's input is gathered again by backward, when it needs it
+        input_mask = _input_mask(masks, L)
         for k in range(L):
             ws = self._ws[k]
             W_in, b_in, W_rec = self._layer_weights(k)
-            if k == 0:
+            if k == 0 and input_mask is None:
                 xproj = self._layer0_projection(x, ws)
+            elif k == 0:  # dropped embeddings: no table of V rows, one (T*B, E) GEMM
+                inp = np.multiply(self._layer0_input(x), input_mask,
+                                  out=buffer(ws, "dropped input", (T, B, self.shape.embedding_size),
+                                             self.dtype))  # (T, B, E)
+                xproj = buffer(ws, "xproj", (T, B, W_in.shape[0]), self.dtype)  # (T, B, G*H)
+                project(inp, W_in, b_in, xproj, self._packed("W_in0", W_in))
             else:
                 xproj = buffer(ws, "xproj", (T, B, W_in.shape[0]), self.dtype)  # (T, B, G*H)
                 project(inp, W_in, b_in, xproj, self._packed(f"W_in{k}", W_in))
@@ -417,7 +441,9 @@ class CharRNN:
             grads[f"rnn.weight_hh_l{k}"] = dW_hh
             grads[f"rnn.bias_hh_l{k}"] = db_hh
             grads[f"rnn.bias_ih_l{k}"] = dx2.sum(axis=0)
-            inp = cache["inputs"][k] if k > 0 else self._layer0_input(x)
+            inp = cache["inputs"][k]
+            if inp is None and k == 0:
+                inp = self._layer0_input(x)
             if inp is None:  # one-hot input: scatter the rows back to their characters
                 dW_ih_T = scatter_add_rows(x.ravel(), dx2, W_ih.shape[1])  # (V, G*H)
                 grads[f"rnn.weight_ih_l{k}"] = np.ascontiguousarray(dW_ih_T.T)
@@ -427,6 +453,9 @@ class CharRNN:
             if k > 0:
                 dtop = dinp
             else:
+                input_mask = _input_mask(cache["masks"], L)
+                if input_mask is not None:
+                    dinp *= input_mask
                 grads["embedding.weight"] = scatter_add_rows(
                     x.ravel(), dinp.reshape(T * B, -1), self.shape.vocab_size
                 )  # (V, E)

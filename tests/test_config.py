@@ -74,6 +74,7 @@ def test_defaults_match_contract():
         "embedding_size": 64,
         "dropout": 0.0,
         "weight_drop": 0.0,  # version 2: "Training for quality"
+        "input_dropout": 0.0,  # extension: locked dropout on the embedded characters
     }
     contract_train = {
         "batch_size": 32,
@@ -128,9 +129,10 @@ def test_every_key_is_settable():
             "cell": "gru",
             "hidden_size": 8,
             "num_layers": 1,
-            "embedding_size": 0,
+            "embedding_size": 2,
             "dropout": 0.5,
             "weight_drop": 0.25,
+            "input_dropout": 0.1,
         },
         "train": {
             "batch_size": 2,

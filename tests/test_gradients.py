@@ -17,9 +17,10 @@ V, T, B = 7, 5, 3
 FD_TOL = dict(rtol=1e-6, atol=5e-9)
 
 
-def _model(cell: str, embedding_size: int, dropout: float = 0.0, layers: int = 2) -> CharRNN:
-    shape = ModelShape(cell, V, hidden_size=6, num_layers=layers,
-                       embedding_size=embedding_size, dropout=dropout)
+def _model(cell: str, embedding_size: int, dropout: float = 0.0, layers: int = 2,
+           input_dropout: float = 0.0) -> CharRNN:
+    shape = ModelShape(cell, V, hidden_size=6, num_layers=layers, embedding_size=embedding_size,
+                       dropout=dropout, input_dropout=input_dropout)
     model = CharRNN.create(shape, seed=3, dtype="float64")
     rng = np.random.default_rng(0)
     for p in model.params.values():  # non-zero biases so every term of the gradient is live
@@ -42,9 +43,12 @@ def _objective(model, x, y, state, masks, dstate):
 
 @pytest.mark.parametrize("cell", sorted(CELLS))
 @pytest.mark.parametrize("embedding_size", [4, 0])
-@pytest.mark.parametrize("dropout", [0.0, 0.3])
-def test_finite_differences(cell: str, embedding_size: int, dropout: float) -> None:
-    model = _model(cell, embedding_size, dropout)
+@pytest.mark.parametrize("dropout, input_dropout", [(0.0, 0.0), (0.3, 0.0), (0.0, 0.4), (0.3, 0.4)])
+def test_finite_differences(cell: str, embedding_size: int, dropout: float,
+                            input_dropout: float) -> None:
+    if input_dropout and not embedding_size:
+        pytest.skip("input dropout needs an embedding (a config error otherwise)")
+    model = _model(cell, embedding_size, dropout, input_dropout=input_dropout)
     rng = np.random.default_rng(1)
     x = rng.integers(0, V, (T, B))
     y = rng.integers(0, V, (T, B))
@@ -52,7 +56,9 @@ def test_finite_differences(cell: str, embedding_size: int, dropout: float) -> N
     dstate = _random_state(model, rng)
     masks = model.dropout_masks(rng, B)
     if dropout:
-        assert masks is not None and any((m == 0).any() for m in masks)
+        assert masks is not None and any((m == 0).any() for m in masks[:2])
+    if input_dropout:  # the (B, E) mask after the layers' drops some embedding units
+        assert masks is not None and len(masks) == 3 and (masks[2] == 0).any()
 
     logits, _, cache = model.forward(x, state, masks)
     _, dlogits = cross_entropy_(logits, y.reshape(-1))

@@ -47,12 +47,12 @@ MODEL = {"cell": "lstm", "hidden_size": 16, "num_layers": 2, "embedding_size": 8
          "dropout": 0.2}
 TRAIN = {"reduce": "ordered", "max_steps": 20, "eval_every": 10, "log_every": 5}
 # per cell: dropout everywhere; rnn on one-hot input; gru with every random draw the
-# trainer makes (state resets, weight drop), the moving average, and a random offset per
-# epoch (64 streams: an epoch of this corpus is 13 windows, so 20 steps cross one)
+# trainer makes (state resets, weight drop, input dropout), the moving average, and a random
+# offset per epoch (64 streams: an epoch of this corpus is 13 windows, so 20 steps cross one)
 CELLS = {
     "rnn": ({"cell": "rnn", "embedding_size": 0}, {}),
     "lstm": ({}, {}),
-    "gru": ({"cell": "gru", "weight_drop": 0.3},
+    "gru": ({"cell": "gru", "weight_drop": 0.3, "input_dropout": 0.1},
             {"reset_prob": 0.2, "ema": 0.9, "random_offset": True, "batch_size": 64}),
 }
 

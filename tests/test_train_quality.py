@@ -78,12 +78,13 @@ def test_ema_is_the_average_of_the_raw_trajectory(tiny_config) -> None:
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
 def test_resume_is_bit_exact_with_ema_weight_drop_and_resets(tiny_config, monkeypatch,
                                                              cell) -> None:
-    """Every random draw on, and a random offset per epoch: an epoch here is 26 windows of
-    32 x 16, so the run crosses two epochs and is interrupted in the second."""
+    """Every random draw on (input dropout too), and a random offset per epoch: an epoch
+    here is 26 windows of 32 x 16, so the run crosses two epochs and is interrupted in the
+    second."""
     N = 60
     sections = dict(
         model={"cell": cell, "num_layers": 2, "hidden_size": 12, "dropout": 0.2,
-               "weight_drop": 0.3},
+               "weight_drop": 0.3, "input_dropout": 0.1},
         train={"max_steps": N, "lr_schedule": "cosine", "warmup_steps": 3, "ema": 0.9,
                "reset_prob": 0.2, "eval_every": 15, "log_every": 3, "batch_size": 32,
                "seq_length": 16, "random_offset": True},
