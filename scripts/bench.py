@@ -217,14 +217,21 @@ def split_data(ids: np.ndarray, eval_chars: int) -> tuple[np.ndarray, np.ndarray
     return ids[:-n_eval], ids[-n_eval:]
 
 
-def train_flops_per_char(shape: ModelShape) -> float:
-    """Forward FLOPs per character (embedding lookups are free) times 3."""
+def forward_flops_per_char(shape: ModelShape) -> float:
+    """The forward pass's FLOPs per character as PyTorch computes it: every layer's input
+    and recurrent GEMMs and the head (embedding lookups are free). charrnn's evaluation
+    does less: layer 0's input projection is a row gather from a table of V rows."""
     H, V, gates = shape.hidden_size, shape.vocab_size, GATES[shape.cell] * shape.hidden_size
     fwd = 2.0 * H * V
     for k in range(shape.num_layers):
         width = shape.embedding_size if k == 0 else H
         fwd += 2.0 * (width * gates + H * gates)
-    return 3.0 * fwd
+    return fwd
+
+
+def train_flops_per_char(shape: ModelShape) -> float:
+    """Forward FLOPs per character times 3."""
+    return 3.0 * forward_flops_per_char(shape)
 
 
 def timed(fn: Callable[[], Any], settle: bool = True) -> float:
@@ -546,12 +553,15 @@ def bench_eval(cfg: Config, eval_ids: np.ndarray, vocab: int, plan: Plan) -> dic
             rates[name].append(count / (time.perf_counter() - t0))
             bpc[name] = total / count / np.log(2)
     ours, theirs = median(rates["charrnn"]), median(rates["PyTorch"])
+    flops = forward_flops_per_char(shape)
     return {
         "chars": len(eval_ids) - 1,
         "charrnn_cps": ours,
         "torch_cps": theirs,
         "ratio": ours / theirs,
         "bpc": bpc,
+        "charrnn_gflops": flops * ours / 1e9,  # nominal: PyTorch's FLOPs at charrnn's speed
+        "torch_gflops": flops * theirs / 1e9,
     }
 
 
@@ -813,14 +823,23 @@ def report(results: dict) -> str:
             "",
             f"### Evaluation (forward only, batch {EVAL_BATCH} x seq {EVAL_SEQ})",
             "",
+            "GFLOP/s count the forward pass's FLOPs as PyTorch computes it, for both (charrnn"
+            " gathers layer 0's input projection from a table instead); % of the numpy GEMM"
+            " peak above.",
+            "",
             "| config | chars | charrnn chars/s | PyTorch chars/s | ratio"
+            " | GFLOP/s charrnn / PyTorch | % GEMM peak charrnn / PyTorch"
             " | bpc charrnn / PyTorch |",
-            "| --- | ---: | ---: | ---: | ---: | ---: |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
         ]
+        peak = g["numpy_gflops"]
         for name, r in results["evaluation"].items():
             out.append(
                 f"| {name} | {r['chars']:,} | {fmt_cps(r['charrnn_cps'])}"
                 f" | {fmt_cps(r['torch_cps'])} | {r['ratio']:.2f}"
+                f" | {r['charrnn_gflops']:.1f} / {r['torch_gflops']:.1f}"
+                f" | {100 * r['charrnn_gflops'] / peak:.0f}%"
+                f" / {100 * r['torch_gflops'] / peak:.0f}%"
                 f" | {r['bpc']['charrnn']:.4f} / {r['bpc']['PyTorch']:.4f} |"
             )
     if results["sampling"]:
