@@ -53,7 +53,8 @@ def test_run_directory_files(corpus_path, corpus_text, config_dict, tmp_path,
     assert saved["data"]["path"] == str(corpus_path.resolve())
     assert saved["output"]["dir"] == str(run_dir.resolve())
     assert saved["model"] == {"cell": "lstm", "hidden_size": 16, "num_layers": 1,
-                              "embedding_size": 8, "dropout": 0.0, "weight_drop": 0.0}
+                              "embedding_size": 8, "dropout": 0.0, "weight_drop": 0.0,
+                              "input_dropout": 0.0}
     assert saved["train"]["optimizer"] == "adam"  # defaults filled in
     config_from_dict(saved)  # and valid
 
