@@ -385,13 +385,11 @@ class CharRNN:
             W_in, b_in, W_rec = self._layer_weights(k)
             if k == 0 and input_mask is None:
                 xproj = self._layer0_projection(x, ws)
-            elif k == 0:  # dropped embeddings: no table of V rows, one (T*B, E) GEMM
-                inp = np.multiply(self._layer0_input(x), input_mask,
-                                  out=buffer(ws, "dropped input", (T, B, self.shape.embedding_size),
-                                             self.dtype))  # (T, B, E)
-                xproj = buffer(ws, "xproj", (T, B, W_in.shape[0]), self.dtype)  # (T, B, G*H)
-                project(inp, W_in, b_in, xproj, self._packed("W_in0", W_in))
             else:
+                if k == 0:  # dropped embeddings: no table of V rows, a (T*B, E) GEMM below
+                    E = self.shape.embedding_size
+                    inp = np.multiply(self._layer0_input(x), input_mask,
+                                      out=buffer(ws, "dropped input", (T, B, E), self.dtype))
                 xproj = buffer(ws, "xproj", (T, B, W_in.shape[0]), self.dtype)  # (T, B, G*H)
                 project(inp, W_in, b_in, xproj, self._packed(f"W_in{k}", W_in))
             inputs.append(inp)
