@@ -296,6 +296,8 @@ def _read_yaml(path: str | os.PathLike) -> Any:
         return yaml.safe_load(text)
     except RecursionError:
         raise ConfigError(f"{name}: invalid YAML: nested too deeply") from None
+    except (ValueError, OverflowError):  # PyYAML's chr() of a "\U..." escape past U+10FFFF
+        raise ConfigError(f"{name}: invalid YAML: an escape names no Unicode character") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{name}:{mark.line + 1}" if mark is not None else name
@@ -323,7 +325,7 @@ def _set_key(d: dict, key: str, value: Any, where: str) -> None:
         text = value  # paths and patterns stay verbatim: `*.py` is not a YAML alias here
         try:
             value = yaml.safe_load(text)
-        except yaml.YAMLError:
+        except (yaml.YAMLError, ValueError, OverflowError):  # as _read_yaml
             raise ConfigError(f"{where}: {key} value {text!r} is not valid YAML") from None
     if not isinstance(d.get(section), dict):
         d[section] = dict(d.get(section) or {})

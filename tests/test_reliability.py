@@ -939,6 +939,9 @@ CONFIG_CASES = {
     "python-tag": ("train: !!python/object/apply:os.system ['touch {marker}']\n",
                    ["invalid YAML"]),
     "python-name": ("model:\n  cell: !!python/name:os.system\n", ["invalid YAML"]),
+    # PyYAML raises ValueError / OverflowError, not YAMLError, for these escapes
+    "yaml-escape-past-unicode": ('model:\n  cell: "\\U7fffffff"\n', ["invalid YAML"]),
+    "yaml-escape-past-c-int": ('model:\n  cell: "\\Uffffffff"\n', ["invalid YAML"]),
     "not-a-mapping": ("- a\n- b\n", ["top level"]),
     "section-not-mapping": ("train: 5\n", ["train"]),
     "no-data-path": ("", ["data.path"]),
@@ -966,6 +969,8 @@ def test_bad_override_and_config_through_the_real_cli(shared, tmp_path) -> None:
     assert not (tmp_path / "x").exists()
     cfg.write_text(f"data:\n  path: {shared['corpus']}\n")
     r = run_cli(shared["env"], "train", "--config", cfg, "--set", "model.hidden_size=big")
+    assert r.returncode == 2 and "model.hidden_size" in error_line(r.stderr)
+    r = run_cli(shared["env"], "train", "--config", cfg, "--set", 'model.hidden_size="\\Uffffffff"')
     assert r.returncode == 2 and "model.hidden_size" in error_line(r.stderr)
 
 
