@@ -279,6 +279,16 @@ def config_to_dict(cfg: Config) -> dict[str, dict[str, Any]]:
 # files and overrides
 
 
+def _safe_load(text: str) -> Any:
+    """yaml.safe_load, every malformed document raised as yaml.YAMLError. PyYAML lets the
+    ValueError or OverflowError of a value it cannot build escape as they are: a date such
+    as 2001-02-30, `!!int 1x`, a "\\U..." escape past U+10FFFF (its chr())."""
+    try:
+        return yaml.safe_load(text)
+    except (ValueError, OverflowError) as e:
+        raise yaml.YAMLError(str(e)) from None
+
+
 def _read_yaml(path: str | os.PathLike) -> Any:
     name = os.fspath(path)
     try:
@@ -293,11 +303,9 @@ def _read_yaml(path: str | os.PathLike) -> Any:
     except OSError as e:
         raise ConfigError(f"{name}: cannot read config file ({e.strerror or e})") from None
     try:
-        return yaml.safe_load(text)
+        return _safe_load(text)
     except RecursionError:
         raise ConfigError(f"{name}: invalid YAML: nested too deeply") from None
-    except (ValueError, OverflowError):  # PyYAML's chr() of a "\U..." escape past U+10FFFF
-        raise ConfigError(f"{name}: invalid YAML: an escape names no Unicode character") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{name}:{mark.line + 1}" if mark is not None else name
@@ -324,8 +332,8 @@ def _set_key(d: dict, key: str, value: Any, where: str) -> None:
     if isinstance(value, str) and SCHEMA[section][name] is not str:
         text = value  # paths and patterns stay verbatim: `*.py` is not a YAML alias here
         try:
-            value = yaml.safe_load(text)
-        except (yaml.YAMLError, ValueError, OverflowError):  # as _read_yaml
+            value = _safe_load(text)
+        except yaml.YAMLError:
             raise ConfigError(f"{where}: {key} value {text!r} is not valid YAML") from None
     if not isinstance(d.get(section), dict):
         d[section] = dict(d.get(section) or {})

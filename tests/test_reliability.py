@@ -939,7 +939,8 @@ CONFIG_CASES = {
     "python-tag": ("train: !!python/object/apply:os.system ['touch {marker}']\n",
                    ["invalid YAML"]),
     "python-name": ("model:\n  cell: !!python/name:os.system\n", ["invalid YAML"]),
-    # PyYAML raises ValueError / OverflowError, not YAMLError, for these escapes
+    # PyYAML raises ValueError / OverflowError, not YAMLError, for these values
+    "yaml-impossible-date": ("train:\n  seed: 2001-02-30\n", ["invalid YAML"]),
     "yaml-escape-past-unicode": ('model:\n  cell: "\\U7fffffff"\n', ["invalid YAML"]),
     "yaml-escape-past-c-int": ('model:\n  cell: "\\Uffffffff"\n', ["invalid YAML"]),
     "not-a-mapping": ("- a\n- b\n", ["top level"]),
