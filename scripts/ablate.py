@@ -40,6 +40,7 @@ ABLATIONS: dict[str, list[str]] = {
     "no EMA": ["train.ema=0"],
     "no state resets": ["train.reset_prob=0"],
     "no dropout": ["model.dropout=0"],
+    "no weight decay": ["train.optimizer=adam"],
 }
 
 

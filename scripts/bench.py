@@ -92,6 +92,7 @@ from statistics import median
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import threadpoolctl
 
 import charrnn
 from charrnn import blas, cells
@@ -187,9 +188,13 @@ def cpu_model() -> str:
 def numpy_blas() -> str:
     try:
         blas = np.show_config(mode="dicts")["Build Dependencies"]["blas"]
-        return f"{blas['name']} {blas.get('version', '')}".strip()
+        name = f"{blas['name']} {blas.get('version', '')}".strip()
     except Exception:  # older numpy: no dict mode
         return "unknown"
+    # the kernels the BLAS chose for this CPU (OpenBLAS: its core type), as threadpoolctl sees it
+    arch = next((i.get("architecture") for i in threadpoolctl.threadpool_info()
+                 if i.get("user_api") == "blas" and i.get("architecture")), None)
+    return f"{name}, {arch} kernels" if arch else name
 
 
 def charrnn_path() -> str:
@@ -783,7 +788,8 @@ def report(results: dict) -> str:
         f"- Python {m['python']}, numpy {m['numpy']} ({m['blas']}), torch {m['torch']},"
         f" charrnn {m['charrnn']}",
         f"- data: {m['data']}",
-        f"- kernels: {m.get('kernels', '?')}",
+        f"- kernels: {m.get('kernels', '?')}"
+        + (f" (dropped from the environment: {m['dropped_env']})" if m.get("dropped_env") else ""),
         f"- float32 GEMM peak ({GEMM_N}^3, best at the start and the end):"
         f" numpy {g['numpy_gflops']:.1f} GFLOP/s,"
         f" torch {g['torch_gflops']:.1f} GFLOP/s",
@@ -992,6 +998,19 @@ def cap_to_avx2(argv: list[str] | None) -> None:
         fused.set_kernels("avx2")
 
 
+def uncap_native(argv: list[str] | None) -> None:
+    """--isa native: no ISA cap inherited from the environment. Some machines set one (this
+    project's sandboxes export OPENBLAS_CORETYPE=Haswell, which halves numpy's GEMM on an
+    AVX-512 CPU while PyTorch's MKL and oneDNN go on using AVX-512), so the bench re-runs
+    itself without them and says which it dropped (--json: machine.dropped_env)."""
+    inherited = [k for k in AVX2_ENV if k in os.environ]
+    if inherited:
+        os.environ["CHARRNN_BENCH_DROPPED_ENV"] = ", ".join(
+            f"{k}={os.environ.pop(k)}" for k in inherited)
+        script = [sys.executable, os.path.abspath(__file__)]
+        os.execv(sys.executable, script + (sys.argv[1:] if argv is None else list(argv)))
+
+
 def isa_description() -> str:
     """Which kernels each framework runs."""
     torch = import_torch()
@@ -1009,6 +1028,8 @@ def main(argv: list[str] | None = None) -> int:
     USE_MKLDNN = not args.no_mkldnn
     if args.isa == "avx2":
         cap_to_avx2(argv)
+    else:
+        uncap_native(argv)
     if args.child:  # one framework's training memory, reported as one JSON line
         result = child_train_memory(args.child, CONFIGS[args.configs[0]], args.data, args.mem_steps)
         print(json.dumps(result))
@@ -1037,6 +1058,7 @@ def main(argv: list[str] | None = None) -> int:
             f" {len(stream_groups(1 << 20))} threads)",
             "data": data_desc,
             "kernels": isa_description(),
+            "dropped_env": os.environ.get("CHARRNN_BENCH_DROPPED_ENV", ""),
             "mode": "--quick" if args.quick else "full",
             "load_average_at_start": os.getloadavg()[0],
         },
