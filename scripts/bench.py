@@ -186,15 +186,11 @@ def cpu_model() -> str:
 
 
 def numpy_blas() -> str:
-    try:
-        blas = np.show_config(mode="dicts")["Build Dependencies"]["blas"]
-        name = f"{blas['name']} {blas.get('version', '')}".strip()
-    except Exception:  # older numpy: no dict mode
-        return "unknown"
-    # the kernels the BLAS chose for this CPU (OpenBLAS: its core type), as threadpoolctl sees it
+    """charrnn.blas.numpy_blas(), with the kernels that BLAS chose for this CPU (OpenBLAS: its
+    core type), as threadpoolctl sees them."""
     arch = next((i.get("architecture") for i in threadpoolctl.threadpool_info()
                  if i.get("user_api") == "blas" and i.get("architecture")), None)
-    return f"{name}, {arch} kernels" if arch else name
+    return f"{blas.numpy_blas()}, {arch} kernels" if arch else blas.numpy_blas()
 
 
 def charrnn_path() -> str:
@@ -984,12 +980,18 @@ AVX2_ENV = {
 }
 
 
+def rerun(argv: list[str] | None) -> None:
+    """Replace this process with the bench again, same arguments, under os.environ as it is
+    now (the libraries read their ISA settings only when they load)."""
+    script = [sys.executable, os.path.abspath(__file__)]
+    os.execv(sys.executable, script + (sys.argv[1:] if argv is None else list(argv)))
+
+
 def cap_to_avx2(argv: list[str] | None) -> None:
     """--isa avx2: both frameworks on AVX2 code only, as on an AVX2-only CPU."""
     if any(os.environ.get(k) != v for k, v in AVX2_ENV.items()):
         os.environ.update(AVX2_ENV)
-        script = [sys.executable, os.path.abspath(__file__)]
-        os.execv(sys.executable, script + (sys.argv[1:] if argv is None else list(argv)))
+        rerun(argv)
     fused = cells.kernels()
     if fused is not None:
         if "avx2+fma" not in fused.gemm_variants() or "avx2" not in fused.kernel_variants():
@@ -1007,8 +1009,7 @@ def uncap_native(argv: list[str] | None) -> None:
     if inherited:
         os.environ["CHARRNN_BENCH_DROPPED_ENV"] = ", ".join(
             f"{k}={os.environ.pop(k)}" for k in inherited)
-        script = [sys.executable, os.path.abspath(__file__)]
-        os.execv(sys.executable, script + (sys.argv[1:] if argv is None else list(argv)))
+        rerun(argv)
 
 
 def isa_description() -> str:
